@@ -1,0 +1,102 @@
+"""One training epoch and one evaluation pass."""
+import math
+
+import torch
+
+import util.misc as utils
+from datasets.coco_eval import CocoEvaluator
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a loss that is inf or nan."""
+
+
+def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0.0,
+                    print_freq=10):
+    """Train for one pass over `data_loader`; returns the epoch's averaged statistics.
+
+    Losses are reduced over processes for logging. Gradients are clipped to `max_norm` (if > 0).
+    A non-finite loss raises NonFiniteLossError before the optimizer steps.
+    """
+    model.train()
+    criterion.train()
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    metric_logger.add_meter("class_error", utils.SmoothedValue(window_size=1, fmt="{value:.2f}"))
+    header = f"Epoch: [{epoch}]"
+
+    for iteration, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        samples = samples.to(device)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+        outputs = model(samples)
+        loss_dict = criterion(outputs, targets)
+        weight_dict = criterion.weight_dict
+        losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
+
+        # the reduced values are only for logging
+        loss_dict_reduced = utils.reduce_dict(loss_dict)
+        unscaled = {f"{k}_unscaled": v for k, v in loss_dict_reduced.items()}
+        scaled = {k: v * weight_dict[k] for k, v in loss_dict_reduced.items() if k in weight_dict}
+        loss_value = sum(scaled.values()).item()
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(
+                f"the loss is {loss_value} at epoch {epoch}, iteration {iteration}; "
+                f"the losses were { {k: round(v.item(), 4) for k, v in loss_dict_reduced.items()} }. "
+                f"Training stopped; the last checkpoint was left as it was. Try a lower --lr or "
+                f"--clip_max_norm > 0, and resume from the last checkpoint.")
+
+        optimizer.zero_grad()
+        losses.backward()
+        if max_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+
+        metric_logger.update(loss=loss_value, **scaled, **unscaled)
+        metric_logger.update(class_error=loss_dict_reduced["class_error"])
+        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+
+    metric_logger.synchronize_between_processes()
+    utils.logger.info(f"Averaged stats: {metric_logger}")
+    return {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+
+
+@torch.no_grad()
+def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, output_dir=None,
+             print_freq=10):
+    """Losses and COCO box AP over `data_loader`.
+
+    Returns (stats, coco_evaluator): stats holds the averaged losses and 'coco_eval_bbox', the 12
+    COCO numbers (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl).
+    """
+    model.eval()
+    criterion.eval()
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    metric_logger.add_meter("class_error", utils.SmoothedValue(window_size=1, fmt="{value:.2f}"))
+    coco_evaluator = CocoEvaluator(base_ds, tuple(k for k in ("bbox",) if k in postprocessors))
+
+    for samples, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
+        samples = samples.to(device)
+        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        outputs = model(samples)
+        loss_dict = criterion(outputs, targets)
+        weight_dict = criterion.weight_dict
+
+        loss_dict_reduced = utils.reduce_dict(loss_dict)
+        scaled = {k: v * weight_dict[k] for k, v in loss_dict_reduced.items() if k in weight_dict}
+        unscaled = {f"{k}_unscaled": v for k, v in loss_dict_reduced.items()}
+        metric_logger.update(loss=sum(scaled.values()), **scaled, **unscaled)
+        metric_logger.update(class_error=loss_dict_reduced["class_error"])
+
+        orig_target_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
+        results = postprocessors["bbox"](outputs, orig_target_sizes)
+        coco_evaluator.update({int(t["image_id"].item()): r for t, r in zip(targets, results)})
+
+    metric_logger.synchronize_between_processes()
+    utils.logger.info(f"Averaged stats: {metric_logger}")
+    coco_evaluator.synchronize_between_processes()
+    coco_evaluator.accumulate()
+    utils.logger.info("COCO box evaluation:\n%s", coco_evaluator.summarize())
+    stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
+    stats["coco_eval_bbox"] = coco_evaluator.coco_eval["bbox"].stats.tolist()
+    return stats, coco_evaluator

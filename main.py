@@ -1,0 +1,310 @@
+"""Train and evaluate DETR with iRPE in the encoder.
+
+    python main.py --coco_path /path/to/coco --enc_rpe2d rpe-2.0-product-ctx-1-k --output_dir out
+    python main.py --coco_path /path/to/coco --enc_rpe2d rpe-2.0-product-ctx-1-k --eval \
+        --resume rpe-2.0-product-ctx-1-k.pth
+    python main.py --dataset_file toy --output_dir toy_out ...   (see README.md)
+"""
+import argparse
+import datetime
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+import util.misc as utils
+from util.checkpoint import (CheckpointError, check_compatible, get_rng_states, load_checkpoint,
+                             save_atomic, set_rng_states)
+
+logger = logging.getLogger("detr")
+
+
+def _rpe_setting(text):
+    """argparse type of --enc_rpe2d: the string itself, once it parses."""
+    from models.rpe_attention.irpe import parse_rpe_string
+    try:
+        parse_rpe_string(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("DETR with iRPE: training and evaluation", add_help=False)
+    parser.add_argument("--lr", default=1e-4, type=float)
+    parser.add_argument("--lr_backbone", default=1e-5, type=float)
+    parser.add_argument("--batch_size", default=2, type=int, help="images per process")
+    parser.add_argument("--weight_decay", default=1e-4, type=float)
+    parser.add_argument("--epochs", default=300, type=int)
+    parser.add_argument("--lr_drop", default=200, type=int, help="epochs between lr drops (x0.1)")
+    parser.add_argument("--clip_max_norm", default=0.1, type=float, help="gradient clipping max norm")
+
+    # Model
+    parser.add_argument("--frozen_weights", type=str, default=None,
+                        help="path to a pretrained detector (segmentation training only; unsupported)")
+    parser.add_argument("--backbone", default="resnet50", type=str,
+                        help="resnet18, resnet34, resnet50 or resnet101")
+    parser.add_argument("--backbone_weights", default="imagenet", type=str,
+                        help="'imagenet' (torchvision's ImageNet weights, from the local cache or "
+                             "downloaded), 'none', or the path of a torchvision ResNet state dict. "
+                             "Not used with --resume or --eval")
+    parser.add_argument("--dilation", action="store_true",
+                        help="replace the stride of the last stage by a dilation (DC5)")
+    parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"))
+    parser.add_argument("--enc_layers", default=6, type=int)
+    parser.add_argument("--dec_layers", default=6, type=int)
+    parser.add_argument("--dim_feedforward", default=2048, type=int)
+    parser.add_argument("--hidden_dim", default=256, type=int)
+    parser.add_argument("--dropout", default=0.1, type=float)
+    parser.add_argument("--nheads", default=8, type=int)
+    parser.add_argument("--num_queries", default=100, type=int)
+    parser.add_argument("--pre_norm", action="store_true")
+    parser.add_argument("--enc_rpe2d", default="", type=_rpe_setting,
+                        help="iRPE of the encoder self-attention, "
+                             "rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}, e.g. "
+                             "rpe-2.0-product-ctx-1-k; '' for none")
+    parser.add_argument("--num_classes", default=None, type=int,
+                        help="classes + 1 of the classifier; default by dataset (coco 91)")
+    parser.add_argument("--masks", action="store_true", help="segmentation head (unsupported)")
+
+    # Loss
+    parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
+                        help="no losses at every decoder layer")
+    parser.add_argument("--set_cost_class", default=1, type=float)
+    parser.add_argument("--set_cost_bbox", default=5, type=float)
+    parser.add_argument("--set_cost_giou", default=2, type=float)
+    parser.add_argument("--mask_loss_coef", default=1, type=float)
+    parser.add_argument("--dice_loss_coef", default=1, type=float)
+    parser.add_argument("--bbox_loss_coef", default=5, type=float)
+    parser.add_argument("--giou_loss_coef", default=2, type=float)
+    parser.add_argument("--eos_coef", default=0.1, type=float, help="weight of the no-object class")
+
+    # Data
+    parser.add_argument("--dataset_file", default="coco", choices=("coco", "coco_panoptic", "toy"))
+    parser.add_argument("--coco_path", type=str)
+    parser.add_argument("--coco_panoptic_path", type=str)
+    parser.add_argument("--remove_difficult", action="store_true")
+    parser.add_argument("--toy_path", type=str, default=None,
+                        help="folder of the toy data (made there once); default OUTPUT_DIR/toy_data")
+
+    # Run
+    parser.add_argument("--output_dir", default="", help="where to save; empty for no saving")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", default=42, type=int)
+    parser.add_argument("--resume", default="", help="checkpoint path or http(s) URL")
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N")
+    parser.add_argument("--eval", action="store_true")
+    parser.add_argument("--num_workers", default=2, type=int)
+    parser.add_argument("--print_freq", default=10, type=int, help="iterations between log lines")
+
+    # Distributed
+    parser.add_argument("--world_size", default=1, type=int, help="number of processes")
+    parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    parser.add_argument("--local_rank", "--local-rank", default=-1, type=int,
+                        help="set by torch.distributed.launch without --use_env")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+
+def init_distributed_mode(args):
+    """Join the process group a launcher (torchrun, torch.distributed.launch, SLURM) set up."""
+    layout = utils.distributed_env(args.local_rank)
+    if layout is None:
+        args.distributed = False
+        args.rank, args.gpu = 0, None
+        return
+    args.rank, args.world_size, args.gpu = layout
+    args.distributed = True
+    if str(args.device).startswith("cuda"):
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    if args.dist_url == "env://" and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        raise SystemExit("distributed run without MASTER_ADDR and MASTER_PORT in the environment "
+                         "(as under SLURM): export both, or pass --dist_url tcp://HOST:PORT")
+    torch.distributed.init_process_group(backend=backend, init_method=args.dist_url,
+                                         world_size=args.world_size, rank=args.rank)
+    torch.distributed.barrier()
+
+
+def setup_logging(output_dir):
+    """Log INFO on the main process (console and OUTPUT_DIR/run.log); errors only elsewhere."""
+    level = logging.INFO if utils.is_main_process() else logging.ERROR
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if output_dir and utils.is_main_process():
+        handlers.append(logging.FileHandler(Path(output_dir) / "run.log"))
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=handlers, force=True)
+
+
+def build_loaders(args, dataset_train, dataset_val):
+    """DataLoaders whose randomness comes from their own generators, saved with each checkpoint."""
+    sampler_val = (DistributedSampler(dataset_val, shuffle=False) if args.distributed
+                   else torch.utils.data.SequentialSampler(dataset_val))
+    data_loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
+                                 collate_fn=utils.collate_fn, num_workers=args.num_workers,
+                                 generator=torch.Generator().manual_seed(args.seed))
+    if dataset_train is None:
+        return None, data_loader_val, None, ()
+    sampler_generator = torch.Generator().manual_seed(args.seed + utils.get_rank())
+    loader_generator = torch.Generator().manual_seed(args.seed + 1000 + utils.get_rank())
+    sampler_train = (DistributedSampler(dataset_train, seed=args.seed) if args.distributed
+                     else torch.utils.data.RandomSampler(dataset_train, generator=sampler_generator))
+    batch_sampler_train = torch.utils.data.BatchSampler(sampler_train, args.batch_size, drop_last=True)
+    if len(batch_sampler_train) == 0:
+        raise SystemExit(f"the training set ({len(dataset_train)} images) gives no full batch of "
+                         f"--batch_size {args.batch_size} per process")
+    data_loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler_train,
+                                   collate_fn=utils.collate_fn, num_workers=args.num_workers,
+                                   generator=loader_generator)
+    return data_loader_train, data_loader_val, sampler_train, (sampler_generator, loader_generator)
+
+
+def main(args):
+    init_distributed_mode(args)
+    if args.output_dir and utils.is_main_process():
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    setup_logging(args.output_dir)
+    logger.info("options: %s", vars(args))
+    if args.frozen_weights is not None:
+        raise SystemExit("--frozen_weights only serves segmentation training (--masks), which this "
+                         "codebase does not support")
+    if args.resume or args.eval:
+        if args.backbone_weights != "none":
+            logger.info("--resume/--eval given: the backbone starts from the checkpoint, so no "
+                        "--backbone_weights are loaded")
+        args.backbone_weights = "none"
+    if args.eval and not args.resume:
+        logger.warning("--eval without --resume evaluates an untrained model")
+
+    # imported here so that `main.py --help` and option errors stay fast
+    from datasets import build_dataset, get_coco_api_from_dataset
+    from engine import NonFiniteLossError, evaluate, train_one_epoch
+    from models import build_model
+
+    device = torch.device(args.device)
+    seed = args.seed + utils.get_rank()
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+    model, criterion, postprocessors = build_model(args)
+    model.to(device)
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+        model_without_ddp = model.module
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info("number of trainable parameters: %d", n_parameters)
+
+    param_dicts = [
+        {"params": [p for n, p in model_without_ddp.named_parameters()
+                    if "backbone" not in n and p.requires_grad]},
+        {"params": [p for n, p in model_without_ddp.named_parameters()
+                    if "backbone" in n and p.requires_grad], "lr": args.lr_backbone},
+    ]
+    optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+
+    if args.dataset_file == "toy" and not args.toy_path:
+        args.toy_path = str(Path(args.output_dir or ".") / "toy_data")
+    if utils.is_main_process():  # the toy data is made once, by one process
+        dataset_val = build_dataset(image_set="val", args=args)
+    if args.distributed:
+        torch.distributed.barrier()
+    if not utils.is_main_process():
+        dataset_val = build_dataset(image_set="val", args=args)
+    dataset_train = None if args.eval else build_dataset(image_set="train", args=args)
+    data_loader_train, data_loader_val, sampler_train, generators = build_loaders(
+        args, dataset_train, dataset_val)
+    base_ds = get_coco_api_from_dataset(dataset_val)
+
+    output_dir = Path(args.output_dir) if args.output_dir else None
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        check_compatible(model_without_ddp, checkpoint, args)
+        model_without_ddp.load_state_dict(checkpoint["model"], strict=True)
+        if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            args.start_epoch = checkpoint["epoch"] + 1
+            rng = checkpoint.get("rng_states")
+            if rng is not None and len(rng) == utils.get_world_size():
+                set_rng_states(rng[utils.get_rank()], *generators)
+            elif rng is not None:
+                logger.warning("the checkpoint was written by %d processes, this run has %d: random "
+                               "states are not restored", len(rng), utils.get_world_size())
+        logger.info("resumed from %s (epoch %s)", args.resume, checkpoint.get("epoch", "-"))
+
+    if args.eval:
+        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val,
+                                              base_ds, device, print_freq=args.print_freq)
+        if output_dir and utils.is_main_process():
+            save_atomic(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
+        return test_stats
+
+    logger.info("start training")
+    start_time = time.time()
+    test_stats = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        if args.distributed:
+            sampler_train.set_epoch(epoch)
+        try:
+            train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device,
+                                          epoch, args.clip_max_norm, print_freq=args.print_freq)
+        except NonFiniteLossError as err:
+            raise SystemExit(str(err)) from None
+        lr_scheduler.step()
+        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val,
+                                              base_ds, device, print_freq=args.print_freq)
+        # saved after evaluation, so the random states are those the next epoch starts from
+        rng_states = utils.all_gather(get_rng_states(*generators))
+        if output_dir and utils.is_main_process():
+            checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                          "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
+                          "rng_states": rng_states}
+            save_atomic(checkpoint, output_dir / "checkpoint.pth")
+            if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
+                save_atomic(checkpoint, output_dir / f"checkpoint{epoch:04}.pth")
+            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                         **{f"test_{k}": v for k, v in test_stats.items()},
+                         "epoch": epoch, "n_parameters": n_parameters}
+            with (output_dir / "log.txt").open("a") as f:
+                f.write(json.dumps(log_stats) + "\n")
+            (output_dir / "eval").mkdir(exist_ok=True)
+            save_atomic(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / "latest.pth")
+            if epoch % 50 == 0:
+                save_atomic(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / f"{epoch:03}.pth")
+
+    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
+    logger.info("training time %s", total_time)
+    return test_stats
+
+
+def run(argv=None):
+    parser = argparse.ArgumentParser("DETR with iRPE: training and evaluation",
+                                     parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        logging.getLogger("detr").error("error: %s", err)
+        raise SystemExit(f"error: {err}") from None
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,285 @@
+"""iRPE: image relative position encoding (Wu et al., "Rethinking and Improving Relative Position
+Encoding for Vision Transformer", ICCV 2021).
+
+A relative position (dr, dc) between a query and a key token of an h x w map is mapped to a bucket
+by a piecewise function (`piecewise_index`) and one of four methods (`bucket_ids`). Each bucket owns
+an entry of a learned lookup table, which enters attention either as a bias on the logits or
+contextually (through a product with the queries, keys or attention weights).
+
+Typical use in a model of your own::
+
+    config = get_rpe_config(ratio=1.9, method="product", mode="ctx", shared_head=True, skip=0,
+                            rpe_on="k")
+    rpe_q, rpe_k, rpe_v = build_rpe(config, head_dim=64, num_heads=8)
+    # q, k, v: (B, H, L, D); q already multiplied by head_dim ** -0.5
+    logits = q @ k.transpose(-2, -1)
+    if rpe_k is not None:
+        logits = logits + rpe_k(q, height, width)
+    if rpe_q is not None:
+        logits = logits + rpe_q(k * head_dim ** -0.5, height, width).transpose(-2, -1)
+    attn = logits.softmax(-1)
+    out = attn @ v
+    if rpe_v is not None:
+        out = out + rpe_v(attn, height, width)
+"""
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+try:
+    from rpe_ops import rpe_index, rpe_index_backward
+except ImportError:  # rpe_ops is not on the path: the same two lookups in plain PyTorch
+    def rpe_index(input, index):
+        """Y[b, h, i, j] = input[b, h, i, index[i, j]]."""
+        return input.gather(-1, index.long().expand(*input.shape[:-1], index.shape[-1]))
+
+    def rpe_index_backward(grad_output, index, num_buckets):
+        """The transpose of rpe_index: sums grad_output[b, h, i, j] into bucket index[i, j]."""
+        out = grad_output.new_zeros(*grad_output.shape[:-1], num_buckets)
+        return out.scatter_add_(-1, index.long().expand_as(grad_output), grad_output)
+
+METHODS = ("euc", "quant", "cross", "product")
+MODES = ("bias", "ctx")
+# Methods that one table encodes; `cross` is a pair of them, one for rows and one for columns.
+_TABLE_METHODS = ("euc", "quant", "cross_rows", "cross_cols", "product")
+
+RPE_STRING_GRAMMAR = (
+    "expected 'rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}' (or '' for no iRPE): "
+    "ratio a float > 0; method one of euc, quant, cross, product; mode bias or ctx; "
+    "shared_head 1 (one table for all heads) or 0 (one per head); rpe_on a combination of q, k, v "
+    "(bias on v does not exist). Example: rpe-2.0-product-ctx-1-k"
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bucket arithmetic
+
+def piecewise_index(relative_position, alpha, beta, gamma):
+    """The piecewise index g(x) of the paper (Eq. 18), as int64.
+
+    |x| <= alpha is kept (rounded); beyond, the distance grows logarithmically up to beta:
+    sign(x) * min(beta, round(alpha + ln(|x| / alpha) / ln(gamma / alpha) * (beta - alpha))),
+    truncated towards zero. Computed in float32, rounding half to even (torch.round).
+    """
+    x = relative_position.to(torch.float32)
+    x_abs = x.abs()
+    far = torch.sign(x) * (
+        alpha + torch.log(x_abs.clamp(min=alpha) / alpha) / math.log(gamma / alpha) * (beta - alpha)
+    ).round().clamp(max=beta)
+    return torch.where(x_abs <= alpha, x.round(), far).to(torch.int64)
+
+
+def _relative_offsets(height, width):
+    """(dr, dc) = pos(i) - pos(j) for all pairs of the row-major flattened map, each (L, L)."""
+    rows = torch.arange(height).repeat_interleave(width)
+    cols = torch.arange(width).repeat(height)
+    return rows[:, None] - rows[None, :], cols[:, None] - cols[None, :]
+
+
+def num_buckets_of(method, ratio, skip=0):
+    """Number of buckets (table entries) of one table for `method` at `ratio`."""
+    side = 2 * int(2 * ratio) + 1
+    count = side * side if method == "product" else side
+    return count + (1 if skip > 0 else 0)
+
+
+@functools.lru_cache(maxsize=128)
+def bucket_ids(method, ratio, height, width, skip=0, device=None):
+    """Bucket id of every (query, key) pair of an h x w map, preceded by `skip` extra tokens.
+
+    Returns an int64 tensor (L, L), L = skip + height * width, with ids in [0, num_buckets). The
+    skip tokens (a class token, say) all use the one extra last bucket. The result is cached per
+    (method, ratio, map size, skip, device) and shared: do not modify it in place.
+    """
+    if method not in _TABLE_METHODS:
+        raise ValueError(f"unknown iRPE bucket method {method!r}; expected one of {_TABLE_METHODS}")
+    alpha, beta, gamma = 1 * ratio, 2 * ratio, 8 * ratio
+    beta_int = int(beta)
+    dr, dc = _relative_offsets(height, width)
+    if method == "euc":
+        ids = piecewise_index(torch.sqrt((dr * dr + dc * dc).float()).round(), alpha, beta, gamma)
+    elif method == "quant":
+        ids = piecewise_index(dr * dr + dc * dc, alpha, beta, gamma)
+    elif method == "cross_rows":
+        ids = piecewise_index(dr, alpha, beta, gamma)
+    elif method == "cross_cols":
+        ids = piecewise_index(dc, alpha, beta, gamma)
+    else:  # product
+        ids = (piecewise_index(dr, alpha, beta, gamma) + beta_int) * (2 * beta_int + 1)
+        ids = ids + piecewise_index(dc, alpha, beta, gamma)
+    ids = ids + beta_int  # shift into [0, num_buckets); product: the column's shift
+    if skip > 0:
+        extra = num_buckets_of(method, ratio, 0)
+        padded = torch.full((skip + height * width,) * 2, extra, dtype=torch.int64)
+        padded[skip:, skip:] = ids
+        ids = padded
+    return ids if device is None else ids.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+
+@dataclass(frozen=True)
+class RPEConfig:
+    """How one of q, k, v is encoded."""
+    method: str          # euc, quant, cross or product
+    mode: str            # bias or ctx
+    shared_head: bool    # one table for all heads
+    ratio: float         # alpha = ratio, beta = 2 ratio, gamma = 8 ratio
+    skip: int = 0        # tokens before the h x w map (e.g. a class token)
+
+    @property
+    def num_buckets(self):
+        """Entries of one table (for cross: of each of its two tables)."""
+        return num_buckets_of(self.method, self.ratio, self.skip)
+
+
+@dataclass(frozen=True)
+class RPEConfigs:
+    """The encodings of q, k and v; None where that one is not encoded."""
+    rpe_q: Optional[RPEConfig] = None
+    rpe_k: Optional[RPEConfig] = None
+    rpe_v: Optional[RPEConfig] = None
+
+
+def get_rpe_config(ratio=1.9, method="product", mode="ctx", shared_head=True, skip=0, rpe_on="k"):
+    """Make the iRPE configuration of an attention layer.
+
+    ratio: bucket scale (alpha = ratio, beta = 2 ratio, gamma = 8 ratio). method: euc, quant,
+    cross or product. mode: bias or ctx ('contextual' is accepted too). shared_head: one table for
+    all heads. skip: tokens before the map that get one extra bucket. rpe_on: which of q, k, v are
+    encoded, e.g. 'k' or 'qkv'. Raises ValueError for an invalid combination.
+    """
+    method = str(method).lower()
+    mode = {"contextual": "ctx"}.get(str(mode).lower(), str(mode).lower())
+    if method not in METHODS:
+        raise ValueError(f"unknown iRPE method {method!r}; expected one of {', '.join(METHODS)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown iRPE mode {mode!r}; expected bias or ctx")
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0):
+        raise ValueError(f"iRPE ratio must be a number > 0, got {ratio!r}")
+    if int(skip) != skip or skip < 0:
+        raise ValueError(f"iRPE skip must be an integer >= 0, got {skip!r}")
+    rpe_on = str(rpe_on).lower()
+    if not rpe_on or set(rpe_on) - set("qkv") or len(set(rpe_on)) != len(rpe_on):
+        raise ValueError(f"iRPE rpe_on must be a non-empty combination of q, k, v; got {rpe_on!r}")
+    if mode == "bias" and "v" in rpe_on:
+        raise ValueError("iRPE in bias mode cannot encode v: use mode ctx, or rpe_on q and/or k")
+    one = RPEConfig(method=method, mode=mode, shared_head=bool(shared_head), ratio=float(ratio),
+                    skip=int(skip))
+    return RPEConfigs(**{f"rpe_{x}": (one if x in rpe_on else None) for x in "qkv"})
+
+
+def parse_rpe_string(text, skip=0):
+    """Parse `rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}` (as `--enc_rpe2d` takes it).
+
+    Returns an RPEConfigs, or None for the empty string. Raises ValueError that shows the grammar.
+    """
+    if text is None or text == "":
+        return None
+    fields = text.split("-")
+    if len(fields) != 6 or fields[0] != "rpe":
+        raise ValueError(f"invalid iRPE setting {text!r}: {RPE_STRING_GRAMMAR}")
+    _, ratio, method, mode, shared_head, rpe_on = fields
+    try:
+        ratio = float(ratio)
+    except ValueError:
+        raise ValueError(f"invalid iRPE setting {text!r}: ratio {ratio!r} is not a number; "
+                         f"{RPE_STRING_GRAMMAR}") from None
+    if shared_head not in ("0", "1"):
+        raise ValueError(f"invalid iRPE setting {text!r}: shared_head must be 0 or 1; "
+                         f"{RPE_STRING_GRAMMAR}")
+    try:
+        return get_rpe_config(ratio, method, mode, shared_head == "1", skip, rpe_on)
+    except ValueError as err:
+        raise ValueError(f"invalid iRPE setting {text!r}: {err}; {RPE_STRING_GRAMMAR}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+
+class iRPE(nn.Module):
+    """One relative position encoding with a table over the buckets of one method.
+
+    For q or k (`transposed=True`), forward(x (B, H, L, D)) returns logits (B or 1, H, L, L):
+    bias mode e[h, i, j] = T[h, b(i, j)]; ctx mode e[n, h, i, j] = sum_d x[n, h, i, d] T[h, d, b(i, j)].
+    For v (`transposed=False`, ctx only), forward(attn (B, H, L, L)) returns (B, H, L, D):
+    o[n, h, i, :] = sum_j attn[n, h, i, j] T[h, b(i, j), :].
+    """
+
+    def __init__(self, head_dim, num_heads, config, transposed=True, method=None):
+        super().__init__()
+        self.method = method or config.method
+        self.mode = config.mode
+        self.ratio = config.ratio
+        self.skip = config.skip
+        self.transposed = transposed
+        self.num_buckets = num_buckets_of(self.method, self.ratio, self.skip)
+        heads = 1 if config.shared_head else num_heads
+        if self.mode == "bias":
+            if not transposed:
+                raise ValueError("iRPE in bias mode cannot encode v")
+            self.lookup_table_bias = nn.Parameter(torch.zeros(heads, self.num_buckets))
+        elif transposed:
+            self.lookup_table_weight = nn.Parameter(torch.zeros(heads, head_dim, self.num_buckets))
+        else:
+            self.lookup_table_weight = nn.Parameter(torch.zeros(heads, self.num_buckets, head_dim))
+
+    def bucket_ids(self, length, height, width, device):
+        if height is None or width is None:
+            side = math.isqrt(max(length - self.skip, 0))
+            if side * side != length - self.skip:
+                raise ValueError(f"iRPE needs the map size (height, width) for {length} tokens "
+                                 f"({self.skip} skip): pass hw=(h, w)")
+            height = width = side
+        if height * width + self.skip != length:
+            raise ValueError(f"iRPE got {length} tokens, but a {height}x{width} map with "
+                             f"{self.skip} skip tokens has {height * width + self.skip}")
+        return bucket_ids(self.method, self.ratio, int(height), int(width), self.skip, device)
+
+    def forward(self, x, height=None, width=None):
+        ids = self.bucket_ids(x.shape[2], height, width, x.device)
+        if self.mode == "bias":
+            return self.lookup_table_bias[:, ids].unsqueeze(0)
+        if self.transposed:
+            return rpe_index(torch.matmul(x, self.lookup_table_weight), ids)
+        return torch.matmul(rpe_index_backward(x, ids, self.num_buckets), self.lookup_table_weight)
+
+    def extra_repr(self):
+        return (f"method={self.method}, mode={self.mode}, ratio={self.ratio}, "
+                f"num_buckets={self.num_buckets}, skip={self.skip}, transposed={self.transposed}")
+
+
+class iRPECross(nn.Module):
+    """The cross method: independent row and column encodings (tables `rp_rows`, `rp_cols`), summed."""
+
+    def __init__(self, head_dim, num_heads, config, transposed=True):
+        super().__init__()
+        self.rp_rows = iRPE(head_dim, num_heads, config, transposed, method="cross_rows")
+        self.rp_cols = iRPE(head_dim, num_heads, config, transposed, method="cross_cols")
+
+    def forward(self, x, height=None, width=None):
+        return self.rp_rows(x, height, width) + self.rp_cols(x, height, width)
+
+
+def _build_one(config, head_dim, num_heads, transposed):
+    if config is None:
+        return None
+    module = iRPECross if config.method == "cross" else iRPE
+    return module(head_dim, num_heads, config, transposed)
+
+
+def build_rpe(config, head_dim, num_heads):
+    """Build (rpe_q, rpe_k, rpe_v) for `config` (an RPEConfigs, or None for no iRPE).
+
+    Each is an iRPE module or None. The tables start at zero.
+    """
+    if config is None:
+        return None, None, None
+    return (_build_one(config.rpe_q, head_dim, num_heads, transposed=True),
+            _build_one(config.rpe_k, head_dim, num_heads, transposed=True),
+            _build_one(config.rpe_v, head_dim, num_heads, transposed=False))

@@ -1,0 +1,192 @@
+"""Checkpoints: safe loading (local path or URL), atomic saving, random states, and telling a
+checkpoint of another configuration apart with a readable message."""
+import argparse
+import os
+import random
+import re
+import urllib.error
+import urllib.parse
+
+import numpy as np
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read, or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and saving
+
+def _is_url(path):
+    return urllib.parse.urlparse(str(path)).scheme in ("http", "https")
+
+
+def cached_download(url):
+    """Download `url` into torch's hub cache once; returns the local file's path."""
+    name = os.path.basename(urllib.parse.urlparse(url).path) or "checkpoint.pth"
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, path, progress=False)
+        except (urllib.error.URLError, OSError) as err:
+            raise CheckpointError(f"could not download {url} ({err}); without network, download it "
+                                  f"elsewhere and pass its path to --resume, or place it at "
+                                  f"{path}") from err
+    return path
+
+
+def load_checkpoint(path_or_url):
+    """Load a checkpoint file safely: tensors, plain containers and argparse.Namespace only.
+
+    Accepts a path or an http(s) URL (downloaded once into torch's hub cache). Returns a dict with
+    at least 'model' (a bare state_dict is wrapped as {'model': state_dict}).
+    """
+    path = cached_download(path_or_url) if _is_url(path_or_url) else str(path_or_url)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- every failure here means the same to the user
+        raise CheckpointError(f"could not read checkpoint {path}: {err}") from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    if "model" not in checkpoint:
+        if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            checkpoint = {"model": checkpoint}
+        else:
+            raise CheckpointError(f"{path} has no 'model' entry (keys: {sorted(checkpoint)[:10]})")
+    return checkpoint
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file beside `path`, then rename it over `path`.
+
+    A crash while saving leaves the previous file as it was.
+    """
+    path = str(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Random states
+
+def get_rng_states(*generators):
+    """The random states of this process: torch (CPU, CUDA), numpy, python and the generators."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "python": random.getstate(),
+        "generators": [g.get_state() for g in generators],
+    }
+
+
+def set_rng_states(states, *generators):
+    """Restore what get_rng_states returned (the same generators, in the same order)."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, *rest = states["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    for g, state in zip(generators, states["generators"]):
+        g.set_state(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a checkpoint was trained with
+
+def _rpe_description(state_dict):
+    """Describe the encoder iRPE tables of a state_dict in --enc_rpe2d terms."""
+    tables = {k: v for k, v in state_dict.items()
+              if k.startswith("transformer.encoder.layers.0.self_attn.rpe_")}
+    if not tables:
+        return "no iRPE (--enc_rpe2d '')"
+    on = "".join(x for x in "qkv" if any(f".rpe_{x}." in k for k in tables))
+    mode = "bias" if any(k.endswith("lookup_table_bias") for k in tables) else "ctx"
+    cross = any(".rp_rows." in k for k in tables)
+    qk_tables = [v for k, v in tables.items() if ".rpe_v." not in k]
+    # q/k tables end with the buckets; v tables are (heads, buckets, head_dim)
+    table = qk_tables[0] if qk_tables else next(iter(tables.values()))
+    buckets = table.shape[-1] if qk_tables else table.shape[1]
+    shared = "1" if table.shape[0] == 1 else "0"
+    side = int(round(buckets ** 0.5))
+    if not cross and side * side == buckets and side % 2 == 1 and side > 1:
+        method, beta_int = "product", (side - 1) // 2
+    else:
+        method, beta_int = ("cross" if cross else "euc or quant"), (buckets - 1) // 2
+    return (f"iRPE {method}, mode {mode}, shared_head {shared}, on {on}, {buckets} buckets "
+            f"(ratio with int(2 * ratio) = {beta_int}, e.g. --enc_rpe2d "
+            f"rpe-{beta_int / 2:.1f}-{method.split()[0]}-{mode}-{shared}-{on})")
+
+
+def describe_checkpoint(state_dict):
+    """The options a DETR state_dict implies, as {option: value} read off its tensors."""
+    def count(prefix):
+        indices = {int(m.group(1)) for k in state_dict for m in [re.match(prefix + r"(\d+)\.", k)] if m}
+        return len(indices)
+
+    found = {}
+    if "query_embed.weight" in state_dict:
+        found["num_queries"], found["hidden_dim"] = tuple(state_dict["query_embed.weight"].shape)
+    if "class_embed.weight" in state_dict:
+        found["num_classes"] = state_dict["class_embed.weight"].shape[0] - 1
+    found["enc_layers"] = count(r"transformer\.encoder\.layers\.")
+    found["dec_layers"] = count(r"transformer\.decoder\.layers\.")
+    key = "transformer.encoder.layers.0.linear1.weight"
+    if key in state_dict:
+        found["dim_feedforward"] = state_dict[key].shape[0]
+    blocks = count(r"backbone\.0\.body\.layer3\.")
+    bottleneck = "backbone.0.body.layer1.0.conv3.weight" in state_dict
+    found["backbone"] = {(2, False): "resnet18", (6, False): "resnet34", (6, True): "resnet50",
+                         (23, True): "resnet101"}.get((blocks, bottleneck), "unknown")
+    found["position_embedding"] = "learned" if "backbone.1.row_embed.weight" in state_dict else "sine"
+    found["pre_norm"] = "transformer.encoder.norm.weight" in state_dict
+    found["enc_rpe2d"] = _rpe_description(state_dict)
+    return found
+
+
+def _rpe_string(args):
+    value = getattr(args, "enc_rpe2d", None) if isinstance(args, argparse.Namespace) else None
+    return None if value is None else (value or "''")
+
+
+def check_compatible(model, checkpoint, args=None):
+    """Raise CheckpointError naming what the file holds when its model tensors do not fit `model`.
+
+    `args` are the options the model was built from; the file's own 'args', when present, give
+    its --enc_rpe2d string, else that is described from its tables.
+    """
+    state_dict = checkpoint["model"]
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if not (missing or unexpected or mismatched):
+        return
+    theirs, ours = describe_checkpoint(state_dict), describe_checkpoint(expected)
+    their_rpe, our_rpe = _rpe_string(checkpoint.get("args")), _rpe_string(args)
+    if their_rpe is not None and our_rpe is not None:
+        theirs["enc_rpe2d"], ours["enc_rpe2d"] = their_rpe, our_rpe
+    differences = [f"--{k} {theirs[k]} (this run: {ours[k]})" for k in theirs if theirs[k] != ours[k]]
+    detail = ", ".join(differences) if differences else (
+        f"other tensors: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+        f"other shapes {mismatched[:3]}")
+    raise CheckpointError(f"this checkpoint does not fit the model built from the given options: "
+                          f"this file was trained with {detail}. Pass the file's options (the "
+                          f"model zoo in README.md lists them) or use a checkpoint of this "
+                          f"configuration.")

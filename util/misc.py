@@ -1,0 +1,246 @@
+"""Batching, distributed helpers and metric logging shared by the model, data and training code."""
+import datetime
+import logging
+import os
+import time
+from collections import defaultdict, deque
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching
+
+class NestedTensor:
+    """A padded batch of images `tensors` (B, C, H, W) with `mask` (B, H, W), True on padding."""
+
+    def __init__(self, tensors, mask):
+        self.tensors = tensors
+        self.mask = mask
+
+    def to(self, device, non_blocking=False):
+        mask = None if self.mask is None else self.mask.to(device, non_blocking=non_blocking)
+        return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
+
+    def decompose(self):
+        return self.tensors, self.mask
+
+    def __repr__(self):
+        return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={self.mask is not None})"
+
+
+def nested_tensor_from_tensor_list(tensor_list):
+    """Pad a list of (C, H_i, W_i) images bottom/right to their largest H and W.
+
+    Returns a NestedTensor whose mask is True on the padded pixels.
+    """
+    if len(tensor_list) == 0:
+        raise ValueError("nested_tensor_from_tensor_list needs at least one image")
+    if any(t.dim() != 3 for t in tensor_list):
+        shapes = [tuple(t.shape) for t in tensor_list]
+        raise ValueError(f"expected images of shape (C, H, W), got shapes {shapes}")
+    channels = tensor_list[0].shape[0]
+    height = max(t.shape[1] for t in tensor_list)
+    width = max(t.shape[2] for t in tensor_list)
+    first = tensor_list[0]
+    tensors = first.new_zeros((len(tensor_list), channels, height, width))
+    mask = torch.ones((len(tensor_list), height, width), dtype=torch.bool, device=first.device)
+    for img, padded, m in zip(tensor_list, tensors, mask):
+        padded[:, : img.shape[1], : img.shape[2]].copy_(img)
+        m[: img.shape[1], : img.shape[2]] = False
+    return NestedTensor(tensors, mask)
+
+
+def collate_fn(batch):
+    """DataLoader collate: a list of (image, target) pairs -> (NestedTensor, tuple of targets)."""
+    images, targets = zip(*batch)
+    return nested_tensor_from_tensor_list(list(images)), targets
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers
+
+def is_dist_avail_and_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def all_gather(data):
+    """Gather any picklable object from every process; returns a list with one entry per rank."""
+    if get_world_size() == 1:
+        return [data]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, data)
+    return gathered
+
+
+def reduce_dict(input_dict, average=True):
+    """Sum (or average) a dict of scalar tensors over all processes; every process gets the result."""
+    world_size = get_world_size()
+    if world_size < 2:
+        return input_dict
+    with torch.no_grad():
+        names = sorted(input_dict.keys())
+        values = torch.stack([input_dict[k] for k in names])
+        dist.all_reduce(values)
+        if average:
+            values /= world_size
+        return dict(zip(names, values))
+
+
+def distributed_env(local_rank_arg=None):
+    """Read the process layout that a launcher left in the environment.
+
+    Returns (rank, world_size, local_rank) or None when this is a single-process run.
+    Understood: torchrun and `torch.distributed.launch` (RANK, WORLD_SIZE, LOCAL_RANK; without
+    --use_env the local rank also comes as the --local_rank/--local-rank argument) and SLURM
+    (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID).
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank = int(env["RANK"])
+        world_size = int(env["WORLD_SIZE"])
+        if "LOCAL_RANK" in env:
+            local_rank = int(env["LOCAL_RANK"])
+        elif local_rank_arg is not None and local_rank_arg >= 0:
+            local_rank = local_rank_arg
+        else:
+            local_rank = rank % max(torch.cuda.device_count(), 1)
+        return rank, world_size, local_rank
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        rank = int(env["SLURM_PROCID"])
+        world_size = int(env["SLURM_NTASKS"])
+        local_rank = int(env.get("SLURM_LOCALID", rank % max(torch.cuda.device_count(), 1)))
+        return rank, world_size, local_rank
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Metric logging
+
+class SmoothedValue:
+    """Track a series of values: a window for median/average, and the global average."""
+
+    def __init__(self, window_size=20, fmt="{median:.4f} ({global_avg:.4f})"):
+        self.deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt
+
+    def update(self, value, n=1):
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self):
+        """Sum count and total over processes (the window stays local)."""
+        if not is_dist_avail_and_initialized():
+            return
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=device)
+        dist.barrier()
+        dist.all_reduce(t)
+        self.count = int(t[0].item())
+        self.total = t[1].item()
+
+    @property
+    def median(self):
+        return torch.tensor(list(self.deque)).median().item()
+
+    @property
+    def avg(self):
+        return torch.tensor(list(self.deque), dtype=torch.float32).mean().item()
+
+    @property
+    def global_avg(self):
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self):
+        return max(self.deque)
+
+    @property
+    def value(self):
+        return self.deque[-1]
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+class MetricLogger:
+    """A dict of SmoothedValues with a progress iterator that logs lines with an ETA."""
+
+    def __init__(self, delimiter="  "):
+        self.meters = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs):
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            self.meters[name].update(float(value))
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def __getattr__(self, attr):
+        meters = self.__dict__.get("meters")
+        if meters is not None and attr in meters:
+            return meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self):
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def synchronize_between_processes(self):
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def log_every(self, iterable, print_freq, header="", log=None):
+        """Yield from `iterable`, logging progress every `print_freq` steps and at the end."""
+        log = log or logger.info
+        total = len(iterable)
+        width = len(str(total))
+        start = end = time.time()
+        iter_time = SmoothedValue(fmt="{avg:.4f}")
+        data_time = SmoothedValue(fmt="{avg:.4f}")
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                parts = [f"{header} [{i:{width}d}/{total}]", f"eta: {eta}", str(self),
+                         f"time: {iter_time}", f"data: {data_time}"]
+                if torch.cuda.is_available():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
+                log(self.delimiter.join(parts))
+            end = time.time()
+        total_time = datetime.timedelta(seconds=int(time.time() - start))
+        log(f"{header} Total time: {total_time} ({(time.time() - start) / max(total, 1):.4f} s / it)")
+
+
+@torch.no_grad()
+def accuracy(output, target, topk=(1,)):
+    """Top-k accuracy in percent of (N, C) logits against (N,) labels."""
+    if target.numel() == 0:
+        return [torch.zeros([], device=output.device)]
+    maxk = max(topk)
+    _, pred = output.topk(maxk, 1, True, True)
+    correct = pred.t().eq(target.view(1, -1).expand_as(pred.t()))
+    return [correct[:k].reshape(-1).float().sum(0) * (100.0 / target.size(0)) for k in topk]
