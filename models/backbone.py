@@ -138,6 +138,28 @@ class Backbone(nn.Module):
         return out
 
 
+@torch.no_grad()
+def calibrate_frozen_batchnorm(module, images):
+    """Set the statistics of every FrozenBatchNorm2d in `module` to those of its input on `images`.
+
+    For backbones that start from random weights: frozen batch norm cannot adapt, and at its
+    identity start the activations of a deep ResNet grow by orders of magnitude. One forward
+    pass, layer by layer (each layer already sees normalised inputs), fixes the scale.
+    """
+    def set_statistics(bn, inputs):
+        x = inputs[0]
+        bn.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        bn.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
+
+    hooks = [m.register_forward_pre_hook(set_statistics) for m in module.modules()
+             if isinstance(m, FrozenBatchNorm2d)]
+    try:
+        module(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 class Joiner(nn.Sequential):
     """backbone (index 0) then position encoding (index 1) of every returned feature map."""
 

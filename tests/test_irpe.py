@@ -14,7 +14,7 @@ from torch import nn
 from models.rpe_attention import RPEMultiheadAttention, irpe
 from models.rpe_attention.irpe import bucket_ids, get_rpe_config, parse_rpe_string, piecewise_index
 
-from conftest import ROOT
+from tests.conftest import ROOT
 
 
 # ----------------------------------------------------------------------------------------------

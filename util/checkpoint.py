@@ -4,8 +4,10 @@ import argparse
 import os
 import random
 import re
+import shutil
 import urllib.error
 import urllib.parse
+import urllib.request
 
 import numpy as np
 import torch
@@ -28,12 +30,18 @@ def cached_download(url):
     path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
         try:
-            torch.hub.download_url_to_file(url, path, progress=False)
+            with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f)
+            os.replace(tmp, path)
         except (urllib.error.URLError, OSError) as err:
             raise CheckpointError(f"could not download {url} ({err}); without network, download it "
                                   f"elsewhere and pass its path to --resume, or place it at "
                                   f"{path}") from err
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return path
 
 
@@ -82,29 +90,41 @@ def save_atomic(obj, path):
 # ----------------------------------------------------------------------------------------------
 # Random states
 
+def _to_bytes(state):
+    return state.numpy().tobytes()
+
+
+def _from_bytes(data):
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 def get_rng_states(*generators):
-    """The random states of this process: torch (CPU, CUDA), numpy, python and the generators."""
-    np_state = np.random.get_state()
+    """The random states of this process: torch (CPU, CUDA), numpy, python and the generators.
+
+    Plain Python values (bytes, ints, tuples), so they pickle anywhere and load with
+    weights_only=True.
+    """
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": _to_bytes(torch.get_rng_state()),
+        "cuda": [_to_bytes(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+        "numpy": (name, keys.tolist(), int(pos), int(has_gauss), float(cached_gaussian)),
         "python": random.getstate(),
-        "generators": [g.get_state() for g in generators],
+        "generators": [_to_bytes(g.get_state()) for g in generators],
     }
 
 
 def set_rng_states(states, *generators):
     """Restore what get_rng_states returned (the same generators, in the same order)."""
-    torch.set_rng_state(states["torch"])
+    torch.set_rng_state(_from_bytes(states["torch"]))
     if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([_from_bytes(s) for s in states["cuda"]])
     name, keys, *rest = states["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     for g, state in zip(generators, states["generators"]):
-        g.set_state(state)
+        g.set_state(_from_bytes(state))
 
 
 # ----------------------------------------------------------------------------------------------

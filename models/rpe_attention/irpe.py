@@ -30,17 +30,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-try:
-    from rpe_ops import rpe_index, rpe_index_backward
-except ImportError:  # rpe_ops is not on the path: the same two lookups in plain PyTorch
-    def rpe_index(input, index):
-        """Y[b, h, i, j] = input[b, h, i, index[i, j]]."""
-        return input.gather(-1, index.long().expand(*input.shape[:-1], index.shape[-1]))
-
-    def rpe_index_backward(grad_output, index, num_buckets):
-        """The transpose of rpe_index: sums grad_output[b, h, i, j] into bucket index[i, j]."""
-        out = grad_output.new_zeros(*grad_output.shape[:-1], num_buckets)
-        return out.scatter_add_(-1, index.long().expand_as(grad_output), grad_output)
+# rpe_ops runs the compiled lookup kernels when built, and the same lookups in plain PyTorch
+# (gather / scatter_add) otherwise
+from rpe_ops import rpe_index, rpe_index_backward
 
 METHODS = ("euc", "quant", "cross", "product")
 MODES = ("bias", "ctx")

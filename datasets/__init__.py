@@ -1,0 +1,51 @@
+"""Data sets for DETR: COCO 2017 detection and a built-in synthetic toy set (same COCO layout).
+
+`build_dataset(image_set, args)` reads `args.dataset_file` ('coco' or 'toy'), `args.coco_path`,
+`args.toy_path` (optional: `args.output_dir`, `args.toy_num_train`, `args.toy_num_val`) and
+`args.masks` (must be False).
+"""
+import torch
+
+from datasets import coco, toy
+from datasets.coco import CocoDetection, DatasetNotFoundError
+from datasets.coco_eval import CocoEvaluator
+from datasets.toy import ToyDataError, generate_toy_coco
+
+SUPPORTED_DATASETS = ("coco", "toy")
+
+__all__ = ["build_dataset", "get_coco_api_from_dataset", "CocoDetection", "CocoEvaluator",
+           "DatasetNotFoundError", "ToyDataError", "generate_toy_coco", "num_classes_for"]
+
+
+def build_dataset(image_set, args):
+    """The 'train' or 'val' split of the data set named by `args.dataset_file`."""
+    if image_set not in ("train", "val"):
+        raise ValueError(f"unknown image_set {image_set!r}: expected 'train' or 'val'")
+    dataset_file = getattr(args, "dataset_file", None)
+    if dataset_file == "coco":
+        return coco.build(image_set, args)
+    if dataset_file == "toy":
+        return toy.build(image_set, args)
+    if dataset_file == "coco_panoptic":
+        raise ValueError("--dataset_file coco_panoptic (panoptic segmentation) is not supported by "
+                         "this code base; use --dataset_file coco or toy")
+    raise ValueError(f"unknown --dataset_file {dataset_file!r}: expected one of {list(SUPPORTED_DATASETS)}")
+
+
+def num_classes_for(dataset_file):
+    """DETR's num_classes (largest category id + 1) for a data set name."""
+    if dataset_file == "coco":
+        return 91
+    if dataset_file == "toy":
+        return toy.NUM_CLASSES
+    raise ValueError(f"unknown --dataset_file {dataset_file!r}: expected one of {list(SUPPORTED_DATASETS)}")
+
+
+def get_coco_api_from_dataset(dataset):
+    """The pycocotools COCO object behind a data set (torch.utils.data.Subset wrappers removed)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    if isinstance(dataset, CocoDetection):
+        return dataset.coco
+    raise TypeError(f"no COCO ground truth behind a {type(dataset).__name__}; expected a "
+                    f"CocoDetection, possibly wrapped in torch.utils.data.Subset")

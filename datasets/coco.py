@@ -1,0 +1,256 @@
+"""COCO object detection: reading images and annotations, and preparing DETR targets.
+
+Expected layout under the data root (`--coco_path`):
+
+    annotations/instances_train2017.json
+    annotations/instances_val2017.json
+    train2017/<file_name> ...   or   train2017.zip with members train2017/<file_name>
+    val2017/<file_name> ...     or   val2017.zip   with members val2017/<file_name>
+
+An image folder is preferred over the zip when both exist.
+"""
+import contextlib
+import io
+import json
+import os
+import zipfile
+
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+from datasets import transforms as T
+
+SPLITS = {"train": "train2017", "val": "val2017"}
+
+LAYOUT_HELP = (
+    "expected layout: <root>/annotations/instances_{train,val}2017.json and, for the images, "
+    "either folders <root>/train2017/ and <root>/val2017/ or zips <root>/train2017.zip and "
+    "<root>/val2017.zip whose members are train2017/<file_name> and val2017/<file_name>"
+)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """Data missing or not laid out as expected; the message names the path and the layout."""
+
+
+def fill_annotation_defaults(coco):
+    """Give every annotation of a pycocotools COCO object the fields COCOeval needs.
+
+    'iscrowd' defaults to 0 and 'area' to the box area (both in place; real COCO has both).
+    """
+    for ann in coco.anns.values():
+        ann.setdefault("iscrowd", 0)
+        if "area" not in ann and "bbox" in ann:
+            ann["area"] = ann["bbox"][2] * ann["bbox"][3]
+    return coco
+
+
+def load_coco_api(annotation_file):
+    """pycocotools COCO object for a json file (without its progress output), see
+    fill_annotation_defaults."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO(annotation_file)
+    return fill_annotation_defaults(coco)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image sources
+
+class FolderImages:
+    """Images stored as files in a folder."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def open_bytes(self, file_name):
+        path = os.path.join(self.folder, file_name)
+        if not os.path.isfile(path):
+            raise DatasetNotFoundError(f"image file {path} is missing; {LAYOUT_HELP}")
+        return open(path, "rb")
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.folder!r})"
+
+
+class ZipImages:
+    """Images stored as members `<prefix>/<file_name>` of a zip archive.
+
+    The archive is opened lazily, once per process (keyed by os.getpid()), and the handle is never
+    pickled: DataLoader workers, forked or spawned, each read through their own handle.
+    """
+
+    def __init__(self, zip_path, prefix):
+        self.zip_path = zip_path
+        self.prefix = prefix
+        self._zip = None
+        self._pid = None
+
+    def _archive(self):
+        if self._zip is None or self._pid != os.getpid():
+            # A handle inherited through fork shares its file offset with the parent: never reuse it.
+            self._zip = zipfile.ZipFile(self.zip_path, "r")
+            self._pid = os.getpid()
+        return self._zip
+
+    def member(self, file_name):
+        return f"{self.prefix}/{file_name}"
+
+    def missing_members(self, file_names):
+        """The file names among `file_names` that have no member in the archive."""
+        names = set(self._archive().namelist())
+        return [f for f in file_names if self.member(f) not in names]
+
+    def open_bytes(self, file_name):
+        try:
+            data = self._archive().read(self.member(file_name))
+        except KeyError:
+            raise DatasetNotFoundError(
+                f"{self.zip_path} has no member {self.member(file_name)}; {LAYOUT_HELP}") from None
+        return io.BytesIO(data)
+
+    def close(self):
+        if self._zip is not None and self._pid == os.getpid():
+            self._zip.close()
+        self._zip = None
+        self._pid = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_zip"] = None
+        state["_pid"] = None
+        return state
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.zip_path!r}, prefix={self.prefix!r})"
+
+
+def find_images(root, split_name):
+    """The image source of `split_name` (e.g. 'val2017') under `root`: its folder, else its zip."""
+    folder = os.path.join(root, split_name)
+    zip_path = os.path.join(root, split_name + ".zip")
+    if os.path.isdir(folder):
+        return FolderImages(folder)
+    if os.path.isfile(zip_path):
+        if not zipfile.is_zipfile(zip_path):
+            raise DatasetNotFoundError(f"{zip_path} is not a readable zip archive; {LAYOUT_HELP}")
+        return ZipImages(zip_path, split_name)
+    raise DatasetNotFoundError(
+        f"no images for {split_name}: neither the folder {folder} nor the zip {zip_path} exists; "
+        f"{LAYOUT_HELP}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets
+
+def prepare_target(image_size, image_id, annotations):
+    """DETR target for one image from its COCO annotations.
+
+    `image_size` is (w, h). Crowd annotations are dropped ('iscrowd' absent or 0 is kept). Boxes go
+    from xywh to xyxy, are clipped to the image, and boxes left empty are removed together with
+    their label, area and iscrowd. 'image_id' is an int64 tensor of shape [1]; 'orig_size' and
+    'size' are int64 [h, w]; 'area' is the annotation's 'area' (the box area when absent).
+    """
+    w, h = image_size
+    annotations = [a for a in annotations if not a.get("iscrowd", 0)]
+    boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    boxes[:, 0::2].clamp_(min=0, max=w)
+    boxes[:, 1::2].clamp_(min=0, max=h)
+    labels = torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64)
+    area = torch.tensor([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in annotations],
+                        dtype=torch.float32)
+    iscrowd = torch.tensor([a.get("iscrowd", 0) for a in annotations], dtype=torch.int64)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    size = torch.tensor([h, w], dtype=torch.int64)
+    return {
+        "boxes": boxes[keep],
+        "labels": labels[keep],
+        "image_id": torch.tensor([image_id], dtype=torch.int64),
+        "area": area[keep],
+        "iscrowd": iscrowd[keep],
+        "orig_size": size,
+        "size": size.clone(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset
+
+class CocoDetection(torch.utils.data.Dataset):
+    """(image, target) pairs of one COCO split, in increasing image id order.
+
+    `root` follows the layout in the module docstring; `split` is 'train' or 'val'. `transforms`
+    is called as transforms(pil_image, target). The pycocotools COCO object is `self.coco`.
+    """
+
+    def __init__(self, root, split, transforms=None):
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}: expected one of {sorted(SPLITS)}")
+        if not root:
+            raise DatasetNotFoundError(f"no data root given (set --coco_path); {LAYOUT_HELP}")
+        if not os.path.isdir(root):
+            raise DatasetNotFoundError(f"data root {root} does not exist or is not a folder; {LAYOUT_HELP}")
+        split_name = SPLITS[split]
+        annotation_file = os.path.join(root, "annotations", f"instances_{split_name}.json")
+        if not os.path.isfile(annotation_file):
+            raise DatasetNotFoundError(f"annotation file {annotation_file} is missing; {LAYOUT_HELP}")
+        self.root = root
+        self.split = split
+        self.annotation_file = annotation_file
+        self.images = find_images(root, split_name)
+        try:
+            self.coco = load_coco_api(annotation_file)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as e:
+            raise ValueError(f"annotation file {annotation_file} is not valid COCO json ({e})") from e
+        self.ids = sorted(self.coco.imgs.keys())
+        self.transforms = transforms
+        if isinstance(self.images, ZipImages):
+            missing = self.images.missing_members([self.coco.imgs[i]["file_name"] for i in self.ids])
+            if missing:
+                shown = ", ".join(self.images.member(f) for f in missing[:5])
+                raise DatasetNotFoundError(
+                    f"{self.images.zip_path} lacks {len(missing)} image(s) listed in "
+                    f"{annotation_file}, e.g. {shown}; {LAYOUT_HELP}")
+
+    def __len__(self):
+        return len(self.ids)
+
+    def load_image(self, image_id):
+        """The image as an RGB PIL image (grayscale and palette images are converted)."""
+        file_name = self.coco.imgs[image_id]["file_name"]
+        with self.images.open_bytes(file_name) as f, Image.open(f) as img:
+            return img.convert("RGB")
+
+    def load_target(self, image_id, image_size):
+        annotations = self.coco.imgToAnns.get(image_id, [])
+        return prepare_target(image_size, image_id, annotations)
+
+    def __getitem__(self, index):
+        image_id = self.ids[index]
+        image = self.load_image(image_id)
+        target = self.load_target(image_id, image.size)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(root={self.root!r}, split={self.split!r}, "
+                f"images={len(self)}, source={self.images!r})")
+
+
+def check_args(args):
+    """Options this dataset code cannot honour."""
+    if getattr(args, "masks", False):
+        raise ValueError("--masks (segmentation) is not supported by this code base; "
+                         "run without --masks for box detection")
+
+
+def build(image_set, args):
+    """COCO 2017 detection split `image_set` ('train' or 'val') from `args.coco_path`."""
+    check_args(args)
+    root = getattr(args, "coco_path", None)
+    if not root:
+        raise DatasetNotFoundError(
+            f"--dataset_file coco needs --coco_path pointing to the COCO 2017 data; {LAYOUT_HELP}")
+    return CocoDetection(root, image_set, transforms=T.make_coco_transforms(image_set))

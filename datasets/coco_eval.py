@@ -1,0 +1,173 @@
+"""COCO box evaluation (pycocotools COCOeval) that works batch by batch and across processes.
+
+Usage:
+
+    evaluator = CocoEvaluator(coco_gt)            # coco_gt: pycocotools COCO of the split
+    for batch ...:
+        evaluator.update({image_id: {"scores": ..., "labels": ..., "boxes": ...}, ...})
+    evaluator.synchronize_between_processes()
+    evaluator.accumulate()
+    text = evaluator.summarize()                  # the usual 12-line table, as text
+    stats = evaluator.coco_eval["bbox"].stats     # the 12 numbers (AP, AP50, ..., AR_large)
+
+Each `update` evaluates its images right away (COCOeval's per-image step) and keeps only the
+per-image results; `synchronize_between_processes` gathers them from every process, and
+`accumulate` turns them into precision/recall (`coco_eval["bbox"].eval`).
+"""
+import contextlib
+import copy
+import io
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from datasets.coco import fill_annotation_defaults
+from util.misc import all_gather
+
+SUPPORTED_IOU_TYPES = ("bbox",)
+
+
+def _quiet(fn, *args, **kwargs):
+    """Call a pycocotools function with its progress printing captured; returns (result, text)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        result = fn(*args, **kwargs)
+    return result, buf.getvalue()
+
+
+def _as_list(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    return np.asarray(value).tolist()
+
+
+def predictions_to_coco_results(predictions):
+    """{image_id: {'scores', 'labels', 'boxes' (xyxy, absolute pixels)}} -> COCO result dicts."""
+    results = []
+    for image_id, pred in predictions.items():
+        boxes = _as_list(pred["boxes"])
+        scores = _as_list(pred["scores"])
+        labels = _as_list(pred["labels"])
+        if not (len(boxes) == len(scores) == len(labels)):
+            raise ValueError(f"predictions for image {image_id} have {len(boxes)} boxes, "
+                             f"{len(scores)} scores and {len(labels)} labels; they must match")
+        for (x0, y0, x1, y1), score, label in zip(boxes, scores, labels):
+            results.append({
+                "image_id": int(image_id),
+                "category_id": int(label),
+                "bbox": [x0, y0, x1 - x0, y1 - y0],
+                "score": float(score),
+            })
+    return results
+
+
+def _empty_coco():
+    """A COCO object without annotations (COCO.loadRes refuses an empty result list)."""
+    coco, _ = _quiet(COCO)
+    coco.dataset = {"images": [], "annotations": [], "categories": []}
+    return coco
+
+
+class CocoEvaluator:
+    """Box AP of predictions against the ground truth `coco_gt` (a pycocotools COCO).
+
+    Annotations of `coco_gt` lacking 'iscrowd' or 'area' get the defaults of
+    `datasets.coco.fill_annotation_defaults` (in place), which COCOeval needs.
+    """
+
+    def __init__(self, coco_gt, iou_types=("bbox",)):
+        iou_types = tuple(iou_types)
+        unsupported = [t for t in iou_types if t not in SUPPORTED_IOU_TYPES]
+        if unsupported:
+            raise ValueError(f"unsupported IoU type(s) {unsupported}: this evaluator supports "
+                             f"{list(SUPPORTED_IOU_TYPES)}")
+        self.coco_gt = fill_annotation_defaults(coco_gt)
+        self.iou_types = iou_types
+        self.coco_eval = {t: COCOeval(coco_gt, iouType=t) for t in iou_types}
+        self.img_ids = []
+        self.eval_imgs = {t: [] for t in iou_types}
+        self._merged = False
+
+    def __getitem__(self, iou_type):
+        return self.coco_eval[iou_type]
+
+    def update(self, predictions):
+        """Evaluate one batch: {image_id: {'scores': (N,), 'labels': (N,), 'boxes': (N, 4) xyxy}}.
+
+        An image with N = 0 still counts (its ground truth becomes misses).
+        """
+        img_ids = sorted({int(i) for i in predictions})
+        if not img_ids:
+            return
+        unknown = [i for i in img_ids if i not in self.coco_gt.imgs]
+        if unknown:
+            raise ValueError(f"predictions for image ids {unknown[:5]} that are not in the ground truth; "
+                             f"evaluate against the COCO object of the data set the images came from")
+        self._merged = False
+        self.img_ids.extend(img_ids)
+        results = predictions_to_coco_results(predictions)
+        for iou_type in self.iou_types:
+            if results:
+                coco_dt, _ = _quiet(COCO.loadRes, self.coco_gt, results)
+            else:
+                coco_dt = _empty_coco()
+            coco_eval = self.coco_eval[iou_type]
+            coco_eval.cocoDt = coco_dt
+            coco_eval.params.imgIds = list(img_ids)
+            _quiet(coco_eval.evaluate)
+            # COCOeval orders its per-image results as [category][area range][image].
+            num_cats = len(coco_eval.params.catIds) if coco_eval.params.useCats else 1
+            num_areas = len(coco_eval.params.areaRng)
+            per_image = np.empty(len(coco_eval.evalImgs), dtype=object)
+            per_image[:] = coco_eval.evalImgs
+            self.eval_imgs[iou_type].append(per_image.reshape(num_cats, num_areas, len(img_ids)))
+
+    def _local_eval_imgs(self, iou_type):
+        if self.eval_imgs[iou_type]:
+            return np.concatenate(self.eval_imgs[iou_type], axis=2)
+        params = self.coco_eval[iou_type].params
+        num_cats = len(params.catIds) if params.useCats else 1
+        return np.empty((num_cats, len(params.areaRng), 0), dtype=object)
+
+    def _merge(self, gather):
+        for iou_type in self.iou_types:
+            payload = (np.asarray(self.img_ids, dtype=np.int64), self._local_eval_imgs(iou_type))
+            gathered = gather(payload)
+            img_ids = np.concatenate([ids for ids, _ in gathered])
+            eval_imgs = np.concatenate([e for _, e in gathered], axis=2)
+            # An image seen twice (e.g. padding of a distributed sampler) counts once.
+            img_ids, first = np.unique(img_ids, return_index=True)
+            eval_imgs = eval_imgs[..., first]
+            coco_eval = self.coco_eval[iou_type]
+            coco_eval.evalImgs = list(eval_imgs.flatten())
+            coco_eval.params.imgIds = [int(i) for i in img_ids]
+            coco_eval._paramsEval = copy.deepcopy(coco_eval.params)
+        self._merged = True
+
+    def synchronize_between_processes(self):
+        """Gather the per-image results of all processes (util.misc.all_gather) into each one."""
+        self._merge(all_gather)
+
+    def accumulate(self):
+        """Precision/recall over all evaluated images (merges local results if not yet done)."""
+        if not self._merged:
+            self._merge(lambda payload: [payload])
+        for coco_eval in self.coco_eval.values():
+            _quiet(coco_eval.accumulate)
+
+    def summarize(self):
+        """Compute `stats` of each COCOeval and return the summary tables as text."""
+        parts = []
+        for iou_type, coco_eval in self.coco_eval.items():
+            if not coco_eval.eval:
+                raise RuntimeError("CocoEvaluator.summarize() called before accumulate(); "
+                                   "call accumulate() first")
+            _, text = _quiet(coco_eval.summarize)
+            parts.append(f"IoU metric: {iou_type}\n{text}")
+        return "".join(parts)
+
+    def stats(self):
+        """{iou_type: list of the 12 summary numbers} (after summarize)."""
+        return {t: np.asarray(e.stats).tolist() for t, e in self.coco_eval.items()}

@@ -1,0 +1,267 @@
+"""Joint transforms of a (PIL image, target) pair for detection.
+
+A target is the dict made by `datasets.coco.prepare_target`: 'boxes' (N, 4) float32 xyxy in
+absolute pixels, 'labels', 'area', 'iscrowd' (one entry per instance), 'image_id', 'orig_size'
+and 'size' (int64 [h, w], kept up to date by every geometric step). The target may be None.
+
+Geometric steps work on PIL images. `ToTensor` turns the image into a float (3, H, W) tensor in
+[0, 1]; `Normalize` standardises it and turns the boxes into (cx, cy, w, h) divided by the image
+width and height, the form the DETR loss expects.
+
+Randomness comes from Python's `random` module, which PyTorch reseeds in every DataLoader worker.
+"""
+import random
+
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from util.box_ops import box_xyxy_to_cxcywh
+
+# Per-instance entries of a target: filtered together when boxes are removed.
+INSTANCE_FIELDS = ("boxes", "labels", "area", "iscrowd")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# DETR's multi-scale training: short sides 480, 512, ..., 800.
+TRAIN_SCALES = tuple(range(480, 801, 32))
+TRAIN_MAX_SIZE = 1333
+CROP_PRE_SCALES = (400, 500, 600)
+CROP_MIN_SIZE = 384
+CROP_MAX_SIZE = 600
+VAL_SCALE = 800
+
+
+def _keep_instances(target, keep):
+    """Index every per-instance field of `target` with the boolean mask `keep` (in place)."""
+    for field in INSTANCE_FIELDS:
+        if field in target:
+            target[field] = target[field][keep]
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional forms
+
+def get_size_with_aspect_ratio(image_size, size, max_size=None):
+    """Output (h, w) for resizing an image of `image_size` = (w, h) to short side `size`.
+
+    When the long side would then exceed `max_size`, the short side is reduced to
+    round(max_size * short / long) instead. An image whose short side already equals the target
+    keeps its size; otherwise the long side becomes int(size * long / short) (truncated).
+    """
+    w, h = image_size
+    short, long = float(min(w, h)), float(max(w, h))
+    if max_size is not None and long / short * size > max_size:
+        size = int(round(max_size * short / long))
+    if min(w, h) == size:
+        return h, w
+    if w < h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
+
+def resize(image, target, size, max_size=None):
+    """Resize a PIL image (bilinear) so its short side is `size` (see get_size_with_aspect_ratio).
+
+    `size` may also be an explicit (h, w). Boxes scale by (new_w / w, new_h / h), areas by the
+    product of the two ratios.
+    """
+    if isinstance(size, (list, tuple)):
+        new_h, new_w = (int(s) for s in size)
+    else:
+        new_h, new_w = get_size_with_aspect_ratio(image.size, size, max_size)
+    w, h = image.size
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    if target is None:
+        return image, None
+    target = dict(target)
+    ratio_w, ratio_h = new_w / w, new_h / h
+    if "boxes" in target:
+        scale = torch.tensor([ratio_w, ratio_h, ratio_w, ratio_h], dtype=torch.float32)
+        target["boxes"] = target["boxes"] * scale
+    if "area" in target:
+        target["area"] = target["area"] * (ratio_w * ratio_h)
+    target["size"] = torch.tensor([new_h, new_w], dtype=torch.int64)
+    return image, target
+
+
+def crop(image, target, region):
+    """Crop `region` = (top, left, height, width) out of a PIL image.
+
+    Boxes are shifted by the crop origin and clipped to the crop; their area is recomputed from
+    the clipped box, and boxes left with zero width or height are dropped with their labels.
+    """
+    top, left, height, width = (int(v) for v in region)
+    image = image.crop((left, top, left + width, top + height))
+    if target is None:
+        return image, None
+    target = dict(target)
+    target["size"] = torch.tensor([height, width], dtype=torch.int64)
+    if "boxes" in target:
+        boxes = target["boxes"] - torch.tensor([left, top, left, top], dtype=torch.float32)
+        limit = torch.tensor([width, height, width, height], dtype=torch.float32)
+        boxes = torch.minimum(boxes, limit).clamp(min=0)
+        target["boxes"] = boxes
+        target["area"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        _keep_instances(target, keep)
+    return image, target
+
+
+def hflip(image, target):
+    """Mirror a PIL image left-right; a box (x0, y0, x1, y1) becomes (w - x1, y0, w - x0, y1)."""
+    w = image.width
+    image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if target is None:
+        return image, None
+    target = dict(target)
+    if "boxes" in target:
+        x0, y0, x1, y1 = target["boxes"].unbind(-1)
+        target["boxes"] = torch.stack([w - x1, y0, w - x0, y1], dim=-1)
+    return image, target
+
+
+# ----------------------------------------------------------------------------------------------
+# Transform objects
+
+class Compose:
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, image, target):
+        for t in self.transforms:
+            image, target = t(image, target)
+        return image, target
+
+    def __repr__(self):
+        inner = "".join(f"\n    {t!r}" for t in self.transforms)
+        return f"{type(self).__name__}({inner}\n)"
+
+
+class RandomHorizontalFlip:
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, image, target):
+        if random.random() < self.p:
+            return hflip(image, target)
+        return image, target
+
+    def __repr__(self):
+        return f"{type(self).__name__}(p={self.p})"
+
+
+class RandomResize:
+    """Resize to a short side drawn uniformly from `sizes`, long side capped by `max_size`."""
+
+    def __init__(self, sizes, max_size=None):
+        if len(sizes) == 0:
+            raise ValueError("RandomResize needs at least one size")
+        self.sizes = list(sizes)
+        self.max_size = max_size
+
+    def __call__(self, image, target):
+        return resize(image, target, random.choice(self.sizes), self.max_size)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(sizes={self.sizes}, max_size={self.max_size})"
+
+
+class RandomSizeCrop:
+    """Crop a random region: height uniform in [min_size, min(h, max_size)], width likewise,
+    position uniform. A side shorter than `min_size` is taken whole."""
+
+    def __init__(self, min_size, max_size):
+        if min_size > max_size:
+            raise ValueError(f"RandomSizeCrop: min_size {min_size} is larger than max_size {max_size}")
+        self.min_size = min_size
+        self.max_size = max_size
+
+    def get_region(self, width, height):
+        crop_w = random.randint(min(self.min_size, width), min(width, self.max_size))
+        crop_h = random.randint(min(self.min_size, height), min(height, self.max_size))
+        top = random.randint(0, height - crop_h)
+        left = random.randint(0, width - crop_w)
+        return top, left, crop_h, crop_w
+
+    def __call__(self, image, target):
+        return crop(image, target, self.get_region(image.width, image.height))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(min_size={self.min_size}, max_size={self.max_size})"
+
+
+class RandomSelect:
+    """Apply `first` with probability p, otherwise `second`."""
+
+    def __init__(self, first, second, p=0.5):
+        self.first = first
+        self.second = second
+        self.p = p
+
+    def __call__(self, image, target):
+        if random.random() < self.p:
+            return self.first(image, target)
+        return self.second(image, target)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(p={self.p},\n  {self.first!r},\n  {self.second!r})"
+
+
+class ToTensor:
+    """PIL image -> float (C, H, W) tensor in [0, 1]; the target is unchanged."""
+
+    def __call__(self, image, target):
+        return TF.to_tensor(image), target
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class Normalize:
+    """Standardise a tensor image; boxes become (cx, cy, w, h) divided by the image (w, h)."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.mean = list(mean)
+        self.std = list(std)
+
+    def __call__(self, image, target):
+        image = TF.normalize(image, mean=self.mean, std=self.std)
+        if target is None:
+            return image, None
+        target = dict(target)
+        if "boxes" in target:
+            h, w = image.shape[-2:]
+            scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+            target["boxes"] = box_xyxy_to_cxcywh(target["boxes"]) / scale
+        return image, target
+
+    def __repr__(self):
+        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
+
+
+def normalize_transform():
+    return Compose([ToTensor(), Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def make_coco_transforms(image_set):
+    """DETR's COCO augmentation ('train') or evaluation resize ('val')."""
+    if image_set == "train":
+        return Compose([
+            RandomHorizontalFlip(0.5),
+            RandomSelect(
+                RandomResize(TRAIN_SCALES, max_size=TRAIN_MAX_SIZE),
+                Compose([
+                    RandomResize(CROP_PRE_SCALES),
+                    RandomSizeCrop(CROP_MIN_SIZE, CROP_MAX_SIZE),
+                    RandomResize(TRAIN_SCALES, max_size=TRAIN_MAX_SIZE),
+                ]),
+                p=0.5,
+            ),
+            normalize_transform(),
+        ])
+    if image_set == "val":
+        return Compose([RandomResize([VAL_SCALE], max_size=TRAIN_MAX_SIZE), normalize_transform()])
+    raise ValueError(f"unknown image_set {image_set!r}: expected 'train' or 'val'")

@@ -1,0 +1,206 @@
+"""Bucket lookup and bucket sum operators for contextual iRPE.
+
+Contextual relative position encoding turns every attention logit into a
+lookup in a small per-query table of bucket scores:
+
+    rpe_index(input, index)[b, h, i, j] = input[b, h, i, index[i, j]]
+
+with input (B, H, Lq, num_buckets), index (Lq, Lk) -> output (B, H, Lq, Lk).
+Its transpose sums a (B, H, Lq, Lk) tensor into buckets:
+
+    rpe_index_backward(grad_output, index, num_buckets)[b, h, i, k]
+        = sum over j with index[i, j] == k of grad_output[b, h, i, j]
+
+It is the gradient of rpe_index and also the forward of the value path of
+iRPE.  Both functions are differentiable (each is the other's gradient), are
+registered as the operators torch.ops.rpe_ops.rpe_index and
+torch.ops.rpe_ops.rpe_index_backward, and work under torch.compile.
+
+They run on the compiled extension (rpe_ops._C: CPU and, when built with a
+CUDA toolkit, CUDA kernels) if it can be loaded, and otherwise on a
+pure-PyTorch fallback (torch.gather / scatter_add) with a one-time warning.
+
+Environment variables (read when rpe_ops is imported, except the last):
+    RPE_OPS_FALLBACK=1     use the fallback even if the extension is built
+    RPE_OPS_CHECK_INDEX=1  validate index values on CUDA too (costs a device
+                           synchronisation; on the CPU they are always checked)
+"""
+import glob
+import importlib.machinery
+import os
+import sys
+import warnings
+
+import torch
+
+from . import _fallback
+
+__all__ = ["rpe_index", "rpe_index_backward", "backend", "EXTENSION_AVAILABLE", "EXTENSION_PATH"]
+
+_BUILD_COMMANDS = ("`pip install --no-build-isolation ./rpe_ops` or "
+                   "`cd rpe_ops && python setup.py build_ext --inplace` (from the repository root)")
+# The same schemas as TORCH_LIBRARY(rpe_ops, ...) in csrc/rpe_index.cpp.
+_SCHEMAS = (
+    "rpe_index(Tensor input, Tensor index) -> Tensor",
+    "rpe_index_backward(Tensor grad_output, Tensor index, int num_buckets) -> Tensor",
+)
+
+
+def _library_candidates():
+    """Compiled libraries named rpe_ops/_C<ext-suffix>: this package's folder
+    first, then an rpe_ops folder under every sys.path entry.  The latter finds
+    an installed copy when the source folder shadows it (running from the
+    repository root after `pip install ./rpe_ops`)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    folders = [here] + [os.path.join(p or os.getcwd(), "rpe_ops") for p in sys.path if isinstance(p, str)]
+    seen = set()
+    for folder in folders:
+        folder = os.path.realpath(folder)
+        if folder in seen or not os.path.isdir(folder):
+            continue
+        seen.add(folder)
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            yield from sorted(glob.glob(os.path.join(glob.escape(folder), "_C" + suffix)))
+
+
+def _load_extension():
+    """Returns (path of the loaded library or None, reason it was not loaded)."""
+    if os.environ.get("RPE_OPS_FALLBACK", "") not in ("", "0"):
+        return None, "RPE_OPS_FALLBACK is set"
+    errors = []
+    for path in _library_candidates():
+        try:
+            torch.ops.load_library(path)
+            return path, None
+        except OSError as exc:  # e.g. built against another PyTorch version
+            errors.append(f"{path}: {exc}")
+    return None, "; ".join(errors) or "rpe_ops._C not found"
+
+
+EXTENSION_PATH, _LOAD_ERROR = _load_extension()
+#: True when the compiled extension is loaded.
+EXTENSION_AVAILABLE = EXTENSION_PATH is not None
+
+_lib = torch.library.Library("rpe_ops", "FRAGMENT")
+_warning_message = None  # set when the fallback is used without being asked for
+_warned = False
+
+
+def _warn_once():
+    global _warned
+    if _warning_message is not None and not _warned:
+        _warned = True
+        warnings.warn(_warning_message, RuntimeWarning, stacklevel=1)
+
+
+def _fallback_rpe_index(input, index):
+    _warn_once()
+    return _fallback.rpe_index(input, index)
+
+
+def _fallback_rpe_index_backward(grad_output, index, num_buckets):
+    _warn_once()
+    return _fallback.rpe_index_backward(grad_output, index, num_buckets)
+
+
+def _has_kernel(op, dispatch_key):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"rpe_ops::{op}", dispatch_key)
+
+
+if EXTENSION_AVAILABLE:
+    _EXTENSION_CUDA = _has_kernel("rpe_index", "CUDA")
+    if not _EXTENSION_CUDA and torch.cuda.is_available():
+        # CPU-only build on a machine with a GPU: CUDA tensors take the fallback.
+        _lib.impl("rpe_index", _fallback_rpe_index, "CUDA")
+        _lib.impl("rpe_index_backward", _fallback_rpe_index_backward, "CUDA")
+        _warning_message = (f"rpe_ops: the extension {EXTENSION_PATH} has no CUDA kernels; CUDA tensors use "
+                            "the slower pure-PyTorch fallback. Rebuild it where a CUDA toolkit is found: "
+                            f"{_BUILD_COMMANDS}.")
+else:
+    _EXTENSION_CUDA = False
+    for _schema in _SCHEMAS:
+        _lib.define(_schema)
+    _lib.impl("rpe_index", _fallback_rpe_index, "CompositeExplicitAutograd")
+    _lib.impl("rpe_index_backward", _fallback_rpe_index_backward, "CompositeExplicitAutograd")
+    if _LOAD_ERROR != "RPE_OPS_FALLBACK is set":
+        _warning_message = (f"rpe_ops: compiled extension not available ({_LOAD_ERROR}); using the slower "
+                            f"pure-PyTorch fallback. Build it with {_BUILD_COMMANDS}. Set RPE_OPS_FALLBACK=1 to silence "
+                            "this warning.")
+
+
+@torch.library.register_fake("rpe_ops::rpe_index")
+def _rpe_index_fake(input, index):
+    _fallback.check_rpe_index_args(input, index)
+    return input.new_empty((*input.shape[:3], index.shape[1]))
+
+
+@torch.library.register_fake("rpe_ops::rpe_index_backward")
+def _rpe_index_backward_fake(grad_output, index, num_buckets):
+    _fallback.check_rpe_index_backward_args(grad_output, index, num_buckets)
+    return grad_output.new_empty((*grad_output.shape[:3], num_buckets))
+
+
+def _rpe_index_setup_context(ctx, inputs, output):
+    input, index = inputs
+    ctx.save_for_backward(index)
+    ctx.num_buckets = input.shape[-1]
+
+
+def _rpe_index_grad(ctx, grad):
+    (index,) = ctx.saved_tensors
+    return torch.ops.rpe_ops.rpe_index_backward(grad, index, ctx.num_buckets), None
+
+
+def _rpe_index_backward_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _rpe_index_backward_grad(ctx, grad):
+    (index,) = ctx.saved_tensors
+    return torch.ops.rpe_ops.rpe_index(grad, index), None, None
+
+
+torch.library.register_autograd("rpe_ops::rpe_index", _rpe_index_grad,
+                                setup_context=_rpe_index_setup_context)
+torch.library.register_autograd("rpe_ops::rpe_index_backward", _rpe_index_backward_grad,
+                                setup_context=_rpe_index_backward_setup_context)
+
+
+def rpe_index(input: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Bucket lookup: out[b, h, i, j] = input[b, h, i, index[i, j]].
+
+    Args:
+        input: (B, H, Lq, num_buckets), float32 / float64 / float16 / bfloat16,
+            any strides.
+        index: (Lq, Lk), int32 or int64, values in [0, num_buckets), same device.
+
+    Returns:
+        A contiguous (B, H, Lq, Lk) tensor of input's dtype.  Differentiable
+        with respect to input (the gradient is rpe_index_backward).
+    """
+    return torch.ops.rpe_ops.rpe_index(input, index)
+
+
+def rpe_index_backward(grad_output: torch.Tensor, index: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """Bucket sum, the transpose of rpe_index:
+    out[b, h, i, k] = sum of grad_output[b, h, i, j] over all j with index[i, j] == k.
+
+    Args:
+        grad_output: (B, H, Lq, Lk), float32 / float64 / float16 / bfloat16.
+        index: (Lq, Lk), int32 or int64, values in [0, num_buckets), same device.
+        num_buckets: size of the last dimension of the result.
+
+    Returns:
+        A contiguous (B, H, Lq, num_buckets) tensor of grad_output's dtype
+        (float16 / bfloat16 are accumulated in float32).  Differentiable with
+        respect to grad_output (the gradient is rpe_index).
+    """
+    return torch.ops.rpe_ops.rpe_index_backward(grad_output, index, num_buckets)
+
+
+def backend(device="cpu") -> str:
+    """"extension" if tensors on `device` run on compiled kernels, else "fallback"."""
+    kind = torch.device(device).type
+    if EXTENSION_AVAILABLE and (kind == "cpu" or (kind == "cuda" and _EXTENSION_CUDA)):
+        return "extension"
+    return "fallback"
