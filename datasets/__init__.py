@@ -12,6 +12,8 @@ from datasets.coco_eval import CocoEvaluator
 from datasets.toy import ToyDataError, generate_toy_coco
 
 SUPPORTED_DATASETS = ("coco", "toy")
+# DETR's class counts of the COCO files (largest category id + 1)
+COCO_NUM_CLASSES = {"coco": 91, "coco_panoptic": 250}
 
 __all__ = ["build_dataset", "get_coco_api_from_dataset", "CocoDetection", "CocoEvaluator",
            "DatasetNotFoundError", "ToyDataError", "generate_toy_coco", "num_classes_for"]
@@ -34,11 +36,12 @@ def build_dataset(image_set, args):
 
 def num_classes_for(dataset_file):
     """DETR's num_classes (largest category id + 1) for a data set name."""
-    if dataset_file == "coco":
-        return 91
     if dataset_file == "toy":
         return toy.NUM_CLASSES
-    raise ValueError(f"unknown --dataset_file {dataset_file!r}: expected one of {list(SUPPORTED_DATASETS)}")
+    if dataset_file in COCO_NUM_CLASSES:
+        return COCO_NUM_CLASSES[dataset_file]
+    raise ValueError(f"unknown --dataset_file {dataset_file!r}: expected one of {list(SUPPORTED_DATASETS)}, "
+                     f"or pass --num_classes")
 
 
 def get_coco_api_from_dataset(dataset):

@@ -9,10 +9,12 @@
     root/toy_info.json                 (the generation settings; marks a complete set)
 
 so the toy data goes through the same reading (`datasets.coco.CocoDetection`) and evaluation code
-as real COCO. Each image has a background of one random colour with a soft linear gradient (and, on half
-of them, a little pixel noise), and 1 to `max_objects` non-overlapping filled shapes in colours that contrast
-with the background. Categories: 1 rectangle, 2 circle, 3 triangle. A box is the exact extent of
-its shape's pixels, and 'area' its pixel count.
+as real COCO. Each image has a grey background with a soft linear gradient (and, on half of
+them, a little pixel noise), and 1 to `max_objects` filled shapes, each inside its own cell of a
+GRID x GRID layout. Categories: 1 rectangle, 2 circle, 3 triangle; each category has its own hue
+(red, green, blue, lightly jittered), so that a detector trained from scratch on two CPU cores
+learns it within minutes. A box is the exact extent of its shape's pixels, and 'area' its pixel
+count.
 """
 import json
 import os
@@ -48,13 +50,13 @@ MAX_NOISE = 2.0  # largest standard deviation of the pixel noise
 # Each category has its own hue, so a detector can tell them apart early; the backgrounds are greys.
 CLASS_COLOURS = {1: np.array([220, 50, 40]), 2: np.array([40, 190, 60]), 3: np.array([50, 80, 230])}
 COLOUR_JITTER = 25
-GRID = 3
+GRID = 2
 BACKGROUND_GREY = (60, 190)
 
 PNG_COMPRESS_LEVEL = 1  # fast zlib setting: the noisy images barely compress anyway
 INFO_FILE = "toy_info.json"
 FORMAT_NAME = "detr-toy-shapes"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLIT_DIRS = ("train2017", "val2017")
 
 

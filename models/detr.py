@@ -11,8 +11,6 @@ from .backbone import build_backbone
 from .matcher import build_matcher
 from .transformer import build_transformer
 
-NUM_CLASSES = {"coco": 91, "coco_panoptic": 250}
-
 
 class DETR(nn.Module):
     """Backbone + transformer + prediction heads for `num_queries` object slots."""
@@ -170,12 +168,8 @@ def num_classes_for(args):
     """DETR's convention: the largest category id + 1 of the dataset, unless --num_classes says."""
     if getattr(args, "num_classes", None):
         return args.num_classes
-    if args.dataset_file == "toy":
-        from datasets.toy import NUM_CLASSES as toy_classes
-        return toy_classes
-    if args.dataset_file not in NUM_CLASSES:
-        raise ValueError(f"unknown --dataset_file {args.dataset_file!r}: pass --num_classes")
-    return NUM_CLASSES[args.dataset_file]
+    from datasets import num_classes_for as dataset_num_classes
+    return dataset_num_classes(args.dataset_file)
 
 
 def build(args):

@@ -13,9 +13,13 @@ size (B 64, H 6, L 197 = 14x14 + class token, 50 buckets):
     extension  the compiled kernels of rpe_ops (when built)
 
 and relates them to the memory-bandwidth bound: the bytes an operator must
-read and write, divided by the bandwidth of a large tensor copy.
+read and write, divided by the bandwidth of a large tensor copy.  On the CPU
+the cases run twice: with the allocator as it is, then with glibc told to keep
+freed memory for reuse, so that fresh outputs are not page-faulted in anew
+on every call (--no_reuse skips the second pass).
 """
 import argparse
+import ctypes
 import math
 import os
 import sys
@@ -150,10 +154,25 @@ def run_case(name, batch, heads, index, num_buckets, device, bandwidth, repeat):
     return results
 
 
+def _reuse_freed_memory():
+    """Ask glibc to serve large blocks from the heap and keep freed memory (no munmap, no trim).
+
+    Returns False where that is not possible (not glibc). Affects the rest of the process."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
     parser.add_argument("--repeat", type=int, default=10, help="timed runs per measurement (median)")
+    parser.add_argument("--no_reuse", action="store_true",
+                        help="skip the second CPU pass that keeps freed memory for reuse")
     args = parser.parse_args(argv)
 
     devices = []
@@ -174,12 +193,13 @@ def main(argv=None):
         print(f"\n{label}: memory bandwidth (copy of a 256 MiB tensor, read + write) {bandwidth:.1f} GB/s")
         for name, batch, heads, index, num_buckets in cases:
             run_case(name, batch, heads, index, num_buckets, device, bandwidth, args.repeat)
-        if device.type == "cpu":
-            print("\nOn the CPU every fresh output of tens of MB is page-faulted in on first write. To time the "
-                  "operators\nwithout most of that cost, rerun with THP_MEM_ALLOC_ENABLE=1 (transparent huge "
-                  "pages) or\nGLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296 "
-                  "(memory reuse).")
-
+        if device.type == "cpu" and not args.no_reuse and _reuse_freed_memory():
+            print("\nCPU again, with freed memory kept for reuse (glibc mallopt: M_MMAP_MAX 0, M_TRIM_THRESHOLD max).\n"
+                  "By default every fresh output of tens of MB is mapped anew and page-faulted in on first write;\n"
+                  "a training loop that reuses its memory (or GLIBC_TUNABLES=glibc.malloc.mmap_max=0, or\n"
+                  "THP_MEM_ALLOC_ENABLE=1) does not pay that cost.")
+            for name, batch, heads, index, num_buckets in cases:
+                run_case(name, batch, heads, index, num_buckets, device, bandwidth, args.repeat)
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ import functools
 import http.server
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -232,6 +233,33 @@ def test_resume_is_exact(toy_root, tmp_path):
     assert (tmp_path / "straight" / "checkpoint0001.pth").is_file()
 
 
+def readme_toy_command():
+    """The README's first quick-start command, as an argument list without 'python'."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    start = text.index("python main.py --dataset_file toy")
+    end = start
+    while text[end:text.index("\n", end)].rstrip().endswith("\\"):
+        end = text.index("\n", end) + 1
+    command = text[start:text.index("\n", end)].replace("\\\n", " ")
+    return shlex.split(command)[1:]
+
+
+def test_readme_toy_command_runs(tmp_path):
+    # the README's command as written, shrunk by options given after it (argparse keeps the last)
+    argv = readme_toy_command()
+    assert argv[0] == "main.py" and "--epochs" in argv and "--enc_rpe2d" in argv
+    out = tmp_path / "out"
+    proc = run_cli(*argv, "--output_dir", out, "--toy_path", tmp_path / "toy", "--toy_num_train", 4,
+                   "--toy_num_val", 2, "--epochs", 1, "--batch_size", 2, "--device", "cpu",
+                   "--num_workers", 0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Average Precision  (AP) @[ IoU=0.50 " in proc.stdout + proc.stderr
+    log = [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+    assert [entry["epoch"] for entry in log] == [0]
+    assert (out / "checkpoint.pth").is_file()
+
+
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(toy_root, tmp_path, monkeypatch):
     out = tmp_path / "out"
     common = [*TOY, "--toy_path", toy_root, *TINY, "--output_dir", out]
@@ -251,13 +279,15 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(toy_root, tmp_path, monk
     assert (out / "checkpoint.pth").read_bytes() == before
 
 
-@pytest.mark.parametrize("launcher", ["launch", "torchrun"])
+@pytest.mark.parametrize("launcher", ["launch --use_env", "launch", "torchrun"])
 def test_two_process_gloo_run_writes_one_log(toy_root, tmp_path, launcher):
     out = tmp_path / "out"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    launch = {"launch": ["torch.distributed.launch", "--use_env"], "torchrun": ["torch.distributed.run"]}
+    # without --use_env, torch.distributed.launch passes --local-rank=N to the script
+    launch = {"launch --use_env": ["torch.distributed.launch", "--use_env"],
+              "launch": ["torch.distributed.launch"], "torchrun": ["torch.distributed.run"]}
     proc = run_cli("-m", *launch[launcher], "--nproc_per_node=2", f"--master_port={port}", "main.py",
                    *TOY, "--toy_path", toy_root, *TINY, "--output_dir", out, "--epochs", 1,
                    "--enc_rpe2d", "rpe-1.9-product-ctx-1-k", env={"OMP_NUM_THREADS": "1"})
