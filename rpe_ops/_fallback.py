@@ -17,35 +17,28 @@ def _check(cond, message):
     torch._check(cond, lambda: message)
 
 
-def _check_index(op, index):
+def _check_operands(op, name, layout, tensor, index):
+    """Rank, dtype and device of the 4-D float operand `name` and of index."""
+    _check(tensor.dim() == 4, f"{op}: {name} must be a 4-D tensor {layout}, got a {tensor.dim()}-D tensor")
     _check(index.dim() == 2,
            f"{op}: index must be a 2-D tensor (Lq, Lk), got a {index.dim()}-D tensor")
     _check(index.dtype in INDEX_DTYPES, f"{op}: index must be int32 or int64, got {index.dtype}")
+    _check(tensor.dtype in FLOAT_DTYPES,
+           f"{op}: {name} must be float32, float64, float16 or bfloat16, got {tensor.dtype}")
+    _check(tensor.device == index.device,
+           f"{op}: {name} and index must be on the same device, got {tensor.device} and {index.device}")
 
 
 def check_rpe_index_args(input, index):
     op = "rpe_index"
-    _check(input.dim() == 4,
-           f"{op}: input must be a 4-D tensor (B, H, Lq, num_buckets), got a {input.dim()}-D tensor")
-    _check_index(op, index)
-    _check(input.dtype in FLOAT_DTYPES,
-           f"{op}: input must be float32, float64, float16 or bfloat16, got {input.dtype}")
-    _check(input.device == index.device,
-           f"{op}: input and index must be on the same device, got {input.device} and {index.device}")
+    _check_operands(op, "input", "(B, H, Lq, num_buckets)", input, index)
     _check(index.shape[0] == input.shape[2],
            f"{op}: index has {index.shape[0]} rows but input has Lq = input.size(2) = {input.shape[2]}")
 
 
 def check_rpe_index_backward_args(grad_output, index, num_buckets):
     op = "rpe_index_backward"
-    _check(grad_output.dim() == 4,
-           f"{op}: grad_output must be a 4-D tensor (B, H, Lq, Lk), got a {grad_output.dim()}-D tensor")
-    _check_index(op, index)
-    _check(grad_output.dtype in FLOAT_DTYPES,
-           f"{op}: grad_output must be float32, float64, float16 or bfloat16, got {grad_output.dtype}")
-    _check(grad_output.device == index.device,
-           f"{op}: grad_output and index must be on the same device, "
-           f"got {grad_output.device} and {index.device}")
+    _check_operands(op, "grad_output", "(B, H, Lq, Lk)", grad_output, index)
     _check(index.shape[0] == grad_output.shape[2] and index.shape[1] == grad_output.shape[3],
            f"{op}: index shape {list(index.shape)} must equal the last two dims (Lq, Lk) "
            f"of grad_output, got {list(grad_output.shape)}")
