@@ -212,6 +212,27 @@ def test_extension_matches_fallback_at_detr_size():
                                _fallback.rpe_index_backward(g, index, 81))
 
 
+@pytest.mark.parametrize("threads", [1, 3, 5])
+def test_extension_work_split_across_threads(threads):
+    # the CPU kernels split (b, h) blocks and index tiles between threads; every split covers
+    # each output element exactly once
+    require_extension()
+    gen = torch.Generator().manual_seed(6)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for batch, heads, length, buckets in [(1, 1, 1, 1), (2, 3, 17, 5), (3, 5, 300, 81), (64, 6, 197, 50)]:
+            index = torch.randint(0, buckets, (length, length), generator=gen)
+            x = torch.randn(batch, heads, length, buckets, generator=gen)
+            g = torch.randn(batch, heads, length, length, generator=gen)
+            torch.testing.assert_close(torch.ops.rpe_ops.rpe_index(x, index), _fallback.rpe_index(x, index),
+                                       rtol=0, atol=0)
+            torch.testing.assert_close(torch.ops.rpe_ops.rpe_index_backward(g, index, buckets),
+                                       _fallback.rpe_index_backward(g, index, buckets))
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_benchmark_index_put_formulation_matches_reference():
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 3, 6, 4, generator=gen, dtype=torch.float64)

@@ -122,10 +122,13 @@ constexpr int64_t kGrainElements = 1 << 15;
 constexpr int64_t kIndexTileBytes = 128 * 1024;
 
 // Runs worker(i, r0, r1) for every index row i and block [r0, r1) of at most
-// block_rows (b, h) rows, in parallel.  Index rows are taken in tiles that
-// stay in cache while every block of (b, h) rows is processed with them;
-// within a tile, a block walks i upwards, so its rows of the (B, H, Lq, .)
-// tensors are visited in memory order.  Each parallel task calls
+// block_rows (b, h) rows, in parallel.  Work item w is (block w / n_tiles,
+// tile w % n_tiles) of index rows, so the items of one task cover adjacent
+// (b, h) rows: each thread writes its own stretch of the output, and the
+// first-touch page faults of fresh outputs do not contend between threads.
+// Within a task the tiles are the outer loop, so an index tile stays in cache
+// while all of the task's blocks use it; a block walks i upwards, visiting its
+// rows of the (B, H, Lq, .) tensors in memory order.  Each parallel task calls
 // make_worker() once; the worker it returns may own scratch memory.
 template <typename MakeWorker>
 void for_each_row_block(int64_t bh, int64_t lq, int64_t block_rows,
@@ -138,15 +141,23 @@ void for_each_row_block(int64_t bh, int64_t lq, int64_t block_rows,
   const int64_t item_cost = std::max<int64_t>(
       1, tile * std::min(bh, block_rows) * row_cost);
   const int64_t grain = std::max<int64_t>(1, kGrainElements / item_cost);
-  at::parallel_for(0, n_tiles * n_blocks, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n_blocks * n_tiles, grain, [&](int64_t begin, int64_t end) {
     auto worker = make_worker();
-    for (int64_t w = begin; w < end; ++w) {
-      const int64_t i0 = (w / n_blocks) * tile;
+    const int64_t first_block = begin / n_tiles;
+    const int64_t last_block = (end - 1) / n_tiles;
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const int64_t i0 = t * tile;
       const int64_t i1 = std::min(lq, i0 + tile);
-      const int64_t r0 = (w % n_blocks) * block_rows;
-      const int64_t r1 = std::min(bh, r0 + block_rows);
-      for (int64_t i = i0; i < i1; ++i) {
-        worker(i, r0, r1);
+      for (int64_t b = first_block; b <= last_block; ++b) {
+        const int64_t w = b * n_tiles + t;
+        if (w < begin || w >= end) {
+          continue;
+        }
+        const int64_t r0 = b * block_rows;
+        const int64_t r1 = std::min(bh, r0 + block_rows);
+        for (int64_t i = i0; i < i1; ++i) {
+          worker(i, r0, r1);
+        }
       }
     }
   });
