@@ -26,7 +26,14 @@ bool is_supported_index(at::ScalarType t) {
   return t == at::kInt || t == at::kLong;
 }
 
-void check_index_tensor(const char* op, const at::Tensor& index) {
+// Rank, dtype and device of the 4-D float operand `name` (laid out as
+// `layout`) and of index.
+void check_operands(const char* op, const char* name, const char* layout,
+                    const at::Tensor& tensor, const at::Tensor& index) {
+  TORCH_CHECK(
+      tensor.dim() == 4,
+      op, ": ", name, " must be a 4-D tensor ", layout, ", got a ",
+      tensor.dim(), "-D tensor");
   TORCH_CHECK(
       index.dim() == 2,
       op, ": index must be a 2-D tensor (Lq, Lk), got a ", index.dim(),
@@ -34,25 +41,21 @@ void check_index_tensor(const char* op, const at::Tensor& index) {
   TORCH_CHECK(
       is_supported_index(index.scalar_type()),
       op, ": index must be int32 or int64, got ", index.scalar_type());
+  TORCH_CHECK(
+      is_supported_float(tensor.scalar_type()),
+      op, ": ", name, " must be float32, float64, float16 or bfloat16, got ",
+      tensor.scalar_type());
+  TORCH_CHECK(
+      tensor.device() == index.device(),
+      op, ": ", name, " and index must be on the same device, got ",
+      tensor.device(), " and ", index.device());
 }
 
 } // namespace
 
 void check_rpe_index_args(const at::Tensor& input, const at::Tensor& index) {
   constexpr const char* op = "rpe_index";
-  TORCH_CHECK(
-      input.dim() == 4,
-      op, ": input must be a 4-D tensor (B, H, Lq, num_buckets), got a ",
-      input.dim(), "-D tensor");
-  check_index_tensor(op, index);
-  TORCH_CHECK(
-      is_supported_float(input.scalar_type()),
-      op, ": input must be float32, float64, float16 or bfloat16, got ",
-      input.scalar_type());
-  TORCH_CHECK(
-      input.device() == index.device(),
-      op, ": input and index must be on the same device, got ",
-      input.device(), " and ", index.device());
+  check_operands(op, "input", "(B, H, Lq, num_buckets)", input, index);
   TORCH_CHECK(
       index.size(0) == input.size(2),
       op, ": index has ", index.size(0),
@@ -64,19 +67,7 @@ void check_rpe_index_backward_args(
     const at::Tensor& index,
     int64_t num_buckets) {
   constexpr const char* op = "rpe_index_backward";
-  TORCH_CHECK(
-      grad_output.dim() == 4,
-      op, ": grad_output must be a 4-D tensor (B, H, Lq, Lk), got a ",
-      grad_output.dim(), "-D tensor");
-  check_index_tensor(op, index);
-  TORCH_CHECK(
-      is_supported_float(grad_output.scalar_type()),
-      op, ": grad_output must be float32, float64, float16 or bfloat16, got ",
-      grad_output.scalar_type());
-  TORCH_CHECK(
-      grad_output.device() == index.device(),
-      op, ": grad_output and index must be on the same device, got ",
-      grad_output.device(), " and ", index.device());
+  check_operands(op, "grad_output", "(B, H, Lq, Lk)", grad_output, index);
   TORCH_CHECK(
       index.size(0) == grad_output.size(2) &&
           index.size(1) == grad_output.size(3),
