@@ -14,14 +14,14 @@ from torch import nn
 from models.rpe_attention import RPEMultiheadAttention, irpe
 from models.rpe_attention.irpe import bucket_ids, get_rpe_config, parse_rpe_string, piecewise_index
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_reference
 
 
 # ----------------------------------------------------------------------------------------------
 # Bucket ids
 
-def test_bucket_ids_equal_reference(reference_dir):
-    ref = torch.load(os.path.join(reference_dir, "bucket_ids.pt"), weights_only=True)
+def test_bucket_ids_equal_reference():
+    ref = load_reference("bucket_ids.pt.xz")
     assert len(ref) > 0
     for name, entry in ref.items():
         method, ratio, size, skip = name.split("-")
@@ -156,8 +156,8 @@ def test_main_rejects_a_malformed_rpe_string_without_traceback():
 # ----------------------------------------------------------------------------------------------
 # The attention layer
 
-def test_attention_cases_equal_reference(reference_dir):
-    cases = torch.load(os.path.join(reference_dir, "attention_cases.pt"), weights_only=True)
+def test_attention_cases_equal_reference():
+    cases = load_reference("attention_cases.pt")
     assert len(cases) == 7
     for case in cases:
         layer = RPEMultiheadAttention(case["embed_dim"], case["num_heads"],

@@ -20,6 +20,8 @@ from models.rpe_attention import parse_rpe_string
 from util import box_ops
 from util.misc import NestedTensor, nested_tensor_from_tensor_list
 
+from tests.conftest import load_reference
+
 
 def make_args(*argv):
     return main.get_args_parser().parse_args(["--backbone_weights", "none", "--device", "cpu", *argv])
@@ -33,8 +35,8 @@ SMALL = ["--backbone", "resnet18", "--hidden_dim", "32", "--nheads", "4", "--dim
 # State dict contract
 
 @pytest.mark.parametrize("config", ["rpe-1.9-product-ctx-1-k", "rpe-2.0-product-ctx-1-k", "no-rpe"])
-def test_state_dict_matches_model_zoo_schema(reference_dir, config):
-    schema = json.load(open(os.path.join(reference_dir, "state_dict_schema.json")))[config]
+def test_state_dict_matches_model_zoo_schema(config):
+    schema = load_reference("state_dict_schema.json")[config]
     model, _, _ = build_model(make_args("--enc_rpe2d", "" if config == "no-rpe" else config))
     got = [[k, list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in model.state_dict().items()]
     assert got == schema

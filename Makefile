@@ -1,0 +1,40 @@
+# Two commands do all set-up on a fresh machine that has Python 3.10+:
+#   make demo   creates .venv, installs the requirements, builds rpe_ops, trains and evaluates the toy demo
+#   make test   the same set-up, then the tests
+# PYTHON picks the interpreter that creates .venv; DEMO_OUT the demo's output folder.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_OUT ?= toy_out
+
+# the demo's options (README, "Quick start")
+DEMO_ARGS = --dataset_file toy --output_dir $(DEMO_OUT) --enc_rpe2d rpe-2.0-product-ctx-1-k \
+    --backbone resnet18 --backbone_weights none --lr 4e-4 --lr_backbone 2e-5 --dropout 0 \
+    --hidden_dim 128 --nheads 4 --dim_feedforward 256 --enc_layers 2 --dec_layers 2 \
+    --num_queries 10 --batch_size 8 --epochs 8 --lr_drop 6 --num_workers 1
+
+.PHONY: demo test setup rpe_ops clean
+
+demo: setup
+	$(PY) main.py $(DEMO_ARGS)
+
+test: setup
+	$(PY) -m pytest tests -q
+
+setup: $(VENV)/.requirements rpe_ops
+
+# the virtual environment and the requirements, redone when a requirements file changes
+$(VENV)/.requirements: requirements.txt $(wildcard requirements-test.txt)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt $(if $(wildcard requirements-test.txt),-r requirements-test.txt)
+	touch $@
+
+# the compiled extension, rebuilt when its sources change (see "Building rpe_ops" in README.md)
+RPE_OPS_SOURCES := rpe_ops/setup.py $(wildcard rpe_ops/csrc/*)
+rpe_ops: rpe_ops/.built
+rpe_ops/.built: $(VENV)/.requirements $(RPE_OPS_SOURCES)
+	PYTHON=$(PY) bash rpe_ops/build.sh
+	touch $@
+
+clean:
+	rm -rf rpe_ops/build rpe_ops/_C*.so rpe_ops/.built
