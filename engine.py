@@ -5,6 +5,7 @@ import torch
 
 import util.misc as utils
 from datasets.coco_eval import CocoEvaluator
+from datasets.panoptic_eval import PanopticEvaluator, format_table
 
 
 class NonFiniteLossError(RuntimeError):
@@ -64,16 +65,22 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
 @torch.no_grad()
 def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, output_dir=None,
              print_freq=10):
-    """Losses and COCO box AP over `data_loader`.
+    """Losses and COCO box AP over `data_loader` (mask AP and panoptic quality with the 'segm'
+    and 'panoptic' postprocessors).
 
     Returns (stats, coco_evaluator): stats holds the averaged losses and 'coco_eval_bbox', the 12
-    COCO numbers (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl).
+    COCO numbers (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl); likewise
+    'coco_eval_masks' with 'segm'; with 'panoptic', 'PQ_all', 'PQ_th', 'PQ_st' ({'pq', 'sq', 'rq',
+    'n'}) and 'PQ_per_class'.
     """
     model.eval()
     criterion.eval()
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.add_meter("class_error", utils.SmoothedValue(window_size=1, fmt="{value:.2f}"))
-    coco_evaluator = CocoEvaluator(base_ds, tuple(k for k in ("bbox",) if k in postprocessors))
+    coco_evaluator = CocoEvaluator(base_ds, tuple(k for k in ("bbox", "segm") if k in postprocessors))
+    panoptic_evaluator = None
+    if "panoptic" in postprocessors:
+        panoptic_evaluator = PanopticEvaluator.from_dataset(data_loader.dataset)
 
     for samples, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
         samples = samples.to(device)
@@ -89,8 +96,16 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
         metric_logger.update(class_error=loss_dict_reduced["class_error"])
 
         orig_target_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
+        target_sizes = torch.stack([t["size"] for t in targets], dim=0)
         results = postprocessors["bbox"](outputs, orig_target_sizes)
+        if "segm" in postprocessors:
+            results = postprocessors["segm"](results, outputs, orig_target_sizes, target_sizes)
         coco_evaluator.update({int(t["image_id"].item()): r for t, r in zip(targets, results)})
+        if panoptic_evaluator is not None:
+            panoptic = postprocessors["panoptic"](outputs, target_sizes, orig_target_sizes)
+            for prediction, target in zip(panoptic, targets):
+                prediction["image_id"] = int(target["image_id"].item())
+            panoptic_evaluator.update(panoptic)
 
     metric_logger.synchronize_between_processes()
     utils.logger.info(f"Averaged stats: {metric_logger}")
@@ -99,4 +114,12 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
     utils.logger.info("COCO box evaluation:\n%s", coco_evaluator.summarize())
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats["coco_eval_bbox"] = coco_evaluator.coco_eval["bbox"].stats.tolist()
+    if "segm" in coco_evaluator.coco_eval:
+        stats["coco_eval_masks"] = coco_evaluator.coco_eval["segm"].stats.tolist()
+    if panoptic_evaluator is not None:
+        panoptic_evaluator.synchronize_between_processes()
+        results = panoptic_evaluator.summarize()
+        utils.logger.info("Panoptic quality (%%):\n%s", format_table(results))
+        stats.update(PQ_all=results["All"], PQ_th=results["Things"], PQ_st=results["Stuff"],
+                     PQ_per_class=results["per_class"])
     return stats, coco_evaluator

@@ -52,7 +52,8 @@ def get_args_parser():
 
     # Model
     parser.add_argument("--frozen_weights", type=str, default=None,
-                        help="path to a pretrained detector (segmentation training only; unsupported)")
+                        help="with --masks: a trained detector's checkpoint, loaded and frozen; "
+                             "only the mask head trains")
     parser.add_argument("--backbone", default="resnet50", type=str,
                         help="resnet18, resnet34, resnet50 or resnet101")
     parser.add_argument("--backbone_weights", default="imagenet", type=str,
@@ -76,7 +77,8 @@ def get_args_parser():
                              "rpe-2.0-product-ctx-1-k; '' for none")
     parser.add_argument("--num_classes", default=None, type=int,
                         help="classes + 1 of the classifier; default by dataset (coco 91)")
-    parser.add_argument("--masks", action="store_true", help="segmentation head (unsupported)")
+    parser.add_argument("--masks", action="store_true",
+                        help="train the segmentation (mask) head; panoptic with *_panoptic data")
 
     # Loss
     parser.add_argument("--no_aux_loss", dest="aux_loss", action="store_false",
@@ -91,7 +93,8 @@ def get_args_parser():
     parser.add_argument("--eos_coef", default=0.1, type=float, help="weight of the no-object class")
 
     # Data
-    parser.add_argument("--dataset_file", default="coco", choices=("coco", "coco_panoptic", "toy"))
+    parser.add_argument("--dataset_file", default="coco",
+                        choices=("coco", "coco_panoptic", "toy", "toy_panoptic"))
     parser.add_argument("--coco_path", type=str)
     parser.add_argument("--coco_panoptic_path", type=str)
     parser.add_argument("--remove_difficult", action="store_true")
@@ -177,19 +180,26 @@ def build_loaders(args, dataset_train, dataset_val):
     return data_loader_train, data_loader_val, sampler_train, (sampler_generator, loader_generator)
 
 
+def save_panoptic_eval(stats, path):
+    """PQ, SQ, RQ (all, things, stuff, per class) as json, when the evaluation computed them."""
+    if "PQ_all" in stats:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({k: stats[k] for k in ("PQ_all", "PQ_th", "PQ_st", "PQ_per_class")}))
+        os.replace(tmp, path)
+
+
 def main(args):
     init_distributed_mode(args)
     if args.output_dir and utils.is_main_process():
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     setup_logging(args.output_dir)
     logger.info("options: %s", vars(args))
-    if args.frozen_weights is not None:
-        raise SystemExit("--frozen_weights only serves segmentation training (--masks), which this "
-                         "codebase does not support")
-    if args.resume or args.eval:
+    if args.frozen_weights is not None and not args.masks:
+        raise SystemExit("--frozen_weights trains a mask head on a frozen detector: add --masks")
+    if args.resume or args.eval or args.frozen_weights:
         if args.backbone_weights != "none":
-            logger.info("--resume/--eval given: the backbone starts from the checkpoint, so no "
-                        "--backbone_weights are loaded")
+            logger.info("--resume/--eval/--frozen_weights given: the backbone starts from the "
+                        "checkpoint, so no --backbone_weights are loaded")
         args.backbone_weights = "none"
     if args.eval and not args.resume:
         logger.warning("--eval without --resume evaluates an untrained model")
@@ -214,10 +224,17 @@ def main(args):
         args, dataset_train, dataset_val)
     base_ds = get_coco_api_from_dataset(dataset_val)
 
-    if dataset_train is not None and not args.resume and args.backbone_weights == "none":
+    detector = model.detr if args.masks else model
+    if args.frozen_weights:
+        # DETR's second stage: the trained detector inside the segmentation model, frozen
+        frozen = load_checkpoint(args.frozen_weights)
+        check_compatible(detector, frozen, args)
+        detector.load_state_dict(frozen["model"], strict=True)
+        logger.info("detector loaded from %s and frozen", args.frozen_weights)
+    elif dataset_train is not None and not args.resume and args.backbone_weights == "none":
         # a random backbone under frozen batch norm: give its statistics a sensible scale
         images = utils.collate_fn([dataset_train[i] for i in range(min(len(dataset_train), 8))])[0]
-        calibrate_frozen_batchnorm(model.backbone[0], images.to(device))
+        calibrate_frozen_batchnorm(detector.backbone[0], images.to(device))
         logger.info("random backbone: frozen batch-norm statistics calibrated on %d training "
                     "images", len(images.tensors))
 
@@ -262,6 +279,7 @@ def main(args):
                                               base_ds, device, print_freq=args.print_freq)
         if output_dir and utils.is_main_process():
             save_atomic(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
+            save_panoptic_eval(test_stats, output_dir / "panoptic_eval.json")
         return test_stats
 
     logger.info("start training")
@@ -288,12 +306,13 @@ def main(args):
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
                 save_atomic(checkpoint, output_dir / f"checkpoint{epoch:04}.pth")
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                         **{f"test_{k}": v for k, v in test_stats.items()},
+                         **{f"test_{k}": v for k, v in test_stats.items() if k != "PQ_per_class"},
                          "epoch": epoch, "n_parameters": n_parameters}
             with (output_dir / "log.txt").open("a") as f:
                 f.write(json.dumps(log_stats) + "\n")
             (output_dir / "eval").mkdir(exist_ok=True)
             save_atomic(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / "latest.pth")
+            save_panoptic_eval(test_stats, output_dir / "eval" / "panoptic_latest.json")
             if epoch % 50 == 0:
                 save_atomic(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / f"{epoch:03}.pth")
 

@@ -1,22 +1,26 @@
-"""Data sets for DETR: COCO 2017 detection and a built-in synthetic toy set (same COCO layout).
+"""Data sets for DETR: COCO 2017 detection and panoptic, and a built-in synthetic toy set (same
+COCO layouts).
 
-`build_dataset(image_set, args)` reads `args.dataset_file` ('coco' or 'toy'), `args.coco_path`,
-`args.toy_path` (optional: `args.output_dir`, `args.toy_num_train`, `args.toy_num_val`) and
-`args.masks` (must be False).
+`build_dataset(image_set, args)` reads `args.dataset_file` ('coco', 'coco_panoptic', 'toy' or
+'toy_panoptic'), `args.coco_path`, `args.coco_panoptic_path`, `args.toy_path` (optional:
+`args.output_dir`, `args.toy_num_train`, `args.toy_num_val`) and `args.masks` (targets with masks).
 """
 import torch
 
-from datasets import coco, toy
+from datasets import coco, coco_panoptic, toy, toy_panoptic
 from datasets.coco import CocoDetection, DatasetNotFoundError
+from datasets.coco_panoptic import CocoPanoptic
+from datasets.panoptic_eval import PanopticEvaluator
 from datasets.coco_eval import CocoEvaluator
 from datasets.toy import ToyDataError, generate_toy_coco
 
-SUPPORTED_DATASETS = ("coco", "toy")
+SUPPORTED_DATASETS = ("coco", "coco_panoptic", "toy", "toy_panoptic")
 # DETR's class counts of the COCO files (largest category id + 1)
 COCO_NUM_CLASSES = {"coco": 91, "coco_panoptic": 250}
 
 __all__ = ["build_dataset", "get_coco_api_from_dataset", "CocoDetection", "CocoEvaluator",
-           "DatasetNotFoundError", "ToyDataError", "generate_toy_coco", "num_classes_for"]
+           "DatasetNotFoundError", "ToyDataError", "generate_toy_coco", "num_classes_for",
+           "CocoPanoptic", "PanopticEvaluator", "is_thing_map_for"]
 
 
 def build_dataset(image_set, args):
@@ -29,8 +33,9 @@ def build_dataset(image_set, args):
     if dataset_file == "toy":
         return toy.build(image_set, args)
     if dataset_file == "coco_panoptic":
-        raise ValueError("--dataset_file coco_panoptic (panoptic segmentation) is not supported by "
-                         "this code base; use --dataset_file coco or toy")
+        return coco_panoptic.build(image_set, args)
+    if dataset_file == "toy_panoptic":
+        return toy_panoptic.build(image_set, args)
     raise ValueError(f"unknown --dataset_file {dataset_file!r}: expected one of {list(SUPPORTED_DATASETS)}")
 
 
@@ -38,10 +43,22 @@ def num_classes_for(dataset_file):
     """DETR's num_classes (largest category id + 1) for a data set name."""
     if dataset_file == "toy":
         return toy.NUM_CLASSES
+    if dataset_file == "toy_panoptic":
+        return toy_panoptic.NUM_CLASSES
     if dataset_file in COCO_NUM_CLASSES:
         return COCO_NUM_CLASSES[dataset_file]
     raise ValueError(f"unknown --dataset_file {dataset_file!r}: expected one of {list(SUPPORTED_DATASETS)}, "
                      f"or pass --num_classes")
+
+
+def is_thing_map_for(dataset_file):
+    """{category id: True for things, False for stuff} of a panoptic data set; None otherwise."""
+    if dataset_file == "coco_panoptic":
+        # DETR's convention: category ids up to 90 are things, the others (up to 200) stuff
+        return {i: i <= 90 for i in range(201)}
+    if dataset_file == "toy_panoptic":
+        return toy_panoptic.is_thing_map()
+    return None
 
 
 def get_coco_api_from_dataset(dataset):

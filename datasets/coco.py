@@ -17,6 +17,7 @@ import zipfile
 
 import torch
 from PIL import Image
+from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
 from datasets import transforms as T
@@ -143,16 +144,48 @@ def find_images(root, split_name):
 # ----------------------------------------------------------------------------------------------
 # Targets
 
-def prepare_target(image_size, image_id, annotations):
+def segmentation_mask(segmentation, height, width, image_id=None):
+    """(height, width) bool mask of a COCO 'segmentation': polygons, or RLE (plain or compressed)."""
+    try:
+        if isinstance(segmentation, list):  # polygons [[x0, y0, x1, y1, ...], ...]
+            polygons = [p for p in segmentation if len(p) >= 6]
+            if not polygons:
+                return torch.zeros((height, width), dtype=torch.bool)
+            rle = coco_mask.merge(coco_mask.frPyObjects(polygons, height, width))
+        elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
+            rle = coco_mask.frPyObjects(segmentation, height, width)
+        else:
+            rle = dict(segmentation)
+            if isinstance(rle["counts"], str):
+                rle["counts"] = rle["counts"].encode("ascii")
+        mask = coco_mask.decode(rle)
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise ValueError(f"image {image_id}: an annotation's 'segmentation' is neither polygons "
+                         f"nor RLE ({err})") from err
+    if mask.shape[:2] != (height, width):
+        raise ValueError(f"image {image_id}: an RLE 'segmentation' of size {list(mask.shape[:2])} "
+                         f"on an image of size {[height, width]}")
+    return torch.from_numpy(mask.reshape(height, width) > 0)
+
+
+def prepare_target(image_size, image_id, annotations, return_masks=False):
     """DETR target for one image from its COCO annotations.
 
     `image_size` is (w, h). Crowd annotations are dropped ('iscrowd' absent or 0 is kept). Boxes go
     from xywh to xyxy, are clipped to the image, and boxes left empty are removed together with
-    their label, area and iscrowd. 'image_id' is an int64 tensor of shape [1]; 'orig_size' and
-    'size' are int64 [h, w]; 'area' is the annotation's 'area' (the box area when absent).
+    their label, area, iscrowd (and mask). 'image_id' is an int64 tensor of shape [1]; 'orig_size'
+    and 'size' are int64 [h, w]; 'area' is the annotation's 'area' (the box area when absent).
+    With `return_masks`, 'masks' (N, h, w) bool from each annotation's 'segmentation'.
     """
     w, h = image_size
     annotations = [a for a in annotations if not a.get("iscrowd", 0)]
+    if return_masks:
+        missing = [a.get("id") for a in annotations if "segmentation" not in a]
+        if missing:
+            raise ValueError(f"--masks: annotations {missing[:5]} of image {image_id} have no "
+                             f"'segmentation'; use an instances file with masks, or drop --masks")
+        masks = [segmentation_mask(a["segmentation"], h, w, image_id) for a in annotations]
+        masks = torch.stack(masks) if masks else torch.zeros((0, h, w), dtype=torch.bool)
     boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
     boxes[:, 2:] += boxes[:, :2]
     boxes[:, 0::2].clamp_(min=0, max=w)
@@ -163,7 +196,7 @@ def prepare_target(image_size, image_id, annotations):
     iscrowd = torch.tensor([a.get("iscrowd", 0) for a in annotations], dtype=torch.int64)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     size = torch.tensor([h, w], dtype=torch.int64)
-    return {
+    target = {
         "boxes": boxes[keep],
         "labels": labels[keep],
         "image_id": torch.tensor([image_id], dtype=torch.int64),
@@ -172,6 +205,9 @@ def prepare_target(image_size, image_id, annotations):
         "orig_size": size,
         "size": size.clone(),
     }
+    if return_masks:
+        target["masks"] = masks[keep]
+    return target
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,9 +218,10 @@ class CocoDetection(torch.utils.data.Dataset):
 
     `root` follows the layout in the module docstring; `split` is 'train' or 'val'. `transforms`
     is called as transforms(pil_image, target). The pycocotools COCO object is `self.coco`.
+    `return_masks` adds the instance masks (see prepare_target).
     """
 
-    def __init__(self, root, split, transforms=None):
+    def __init__(self, root, split, transforms=None, return_masks=False):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: expected one of {sorted(SPLITS)}")
         if not root:
@@ -205,6 +242,7 @@ class CocoDetection(torch.utils.data.Dataset):
             raise ValueError(f"annotation file {annotation_file} is not valid COCO json ({e})") from e
         self.ids = sorted(self.coco.imgs.keys())
         self.transforms = transforms
+        self.return_masks = return_masks
         if isinstance(self.images, ZipImages):
             missing = self.images.missing_members([self.coco.imgs[i]["file_name"] for i in self.ids])
             if missing:
@@ -224,7 +262,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def load_target(self, image_id, image_size):
         annotations = self.coco.imgToAnns.get(image_id, [])
-        return prepare_target(image_size, image_id, annotations)
+        return prepare_target(image_size, image_id, annotations, self.return_masks)
 
     def __getitem__(self, index):
         image_id = self.ids[index]
@@ -240,17 +278,17 @@ class CocoDetection(torch.utils.data.Dataset):
 
 
 def check_args(args):
-    """Options this dataset code cannot honour."""
-    if getattr(args, "masks", False):
-        raise ValueError("--masks (segmentation) is not supported by this code base; "
-                         "run without --masks for box detection")
+    """Options the box-only toy set (which calls this) cannot honour."""
+    if getattr(args, "masks", False) and getattr(args, "dataset_file", None) == "toy":
+        raise ValueError("--masks needs masks, and --dataset_file toy has boxes only: use "
+                         "--dataset_file toy_panoptic (the same images with panoptic masks)")
 
 
 def build(image_set, args):
     """COCO 2017 detection split `image_set` ('train' or 'val') from `args.coco_path`."""
-    check_args(args)
     root = getattr(args, "coco_path", None)
     if not root:
         raise DatasetNotFoundError(
             f"--dataset_file coco needs --coco_path pointing to the COCO 2017 data; {LAYOUT_HELP}")
-    return CocoDetection(root, image_set, transforms=T.make_coco_transforms(image_set))
+    return CocoDetection(root, image_set, transforms=T.make_coco_transforms(image_set),
+                         return_masks=getattr(args, "masks", False))

@@ -1,8 +1,9 @@
-"""COCO box evaluation (pycocotools COCOeval) that works batch by batch and across processes.
+"""COCO box and mask evaluation (pycocotools COCOeval), batch by batch and across processes.
 
 Usage:
 
     evaluator = CocoEvaluator(coco_gt)            # coco_gt: pycocotools COCO of the split
+                                                  # (iou_types=("bbox", "segm") for mask AP too)
     for batch ...:
         evaluator.update({image_id: {"scores": ..., "labels": ..., "boxes": ...}, ...})
     evaluator.synchronize_between_processes()
@@ -20,13 +21,14 @@ import io
 
 import numpy as np
 import torch
+from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from datasets.coco import fill_annotation_defaults
 from util.misc import all_gather
 
-SUPPORTED_IOU_TYPES = ("bbox",)
+SUPPORTED_IOU_TYPES = ("bbox", "segm")
 
 
 def _quiet(fn, *args, **kwargs):
@@ -63,6 +65,24 @@ def predictions_to_coco_results(predictions):
     return results
 
 
+def predictions_to_coco_segmentation(predictions):
+    """{image_id: {'scores', 'labels', 'masks' (N, 1, H, W) 0/1}} -> COCO result dicts with RLE."""
+    results = []
+    for image_id, pred in predictions.items():
+        masks = pred["masks"].detach().cpu().numpy() if isinstance(pred["masks"], torch.Tensor) \
+            else np.asarray(pred["masks"])
+        scores, labels = _as_list(pred["scores"]), _as_list(pred["labels"])
+        if not (len(masks) == len(scores) == len(labels)):
+            raise ValueError(f"predictions for image {image_id} have {len(masks)} masks, "
+                             f"{len(scores)} scores and {len(labels)} labels; they must match")
+        for mask, score, label in zip(masks, scores, labels):
+            rle = coco_mask.encode(np.asfortranarray(mask.reshape(mask.shape[-2:]).astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            results.append({"image_id": int(image_id), "category_id": int(label),
+                            "segmentation": rle, "score": float(score)})
+    return results
+
+
 def _empty_coco():
     """A COCO object without annotations (COCO.loadRes refuses an empty result list)."""
     coco, _ = _quiet(COCO)
@@ -84,6 +104,11 @@ class CocoEvaluator:
             raise ValueError(f"unsupported IoU type(s) {unsupported}: this evaluator supports "
                              f"{list(SUPPORTED_IOU_TYPES)}")
         self.coco_gt = fill_annotation_defaults(coco_gt)
+        if "segm" in iou_types:
+            unmasked = [a["id"] for a in coco_gt.anns.values() if "segmentation" not in a]
+            if unmasked:
+                raise ValueError(f"mask AP needs a 'segmentation' in every ground-truth annotation; "
+                                 f"annotations {unmasked[:5]} have none")
         self.iou_types = iou_types
         self.coco_eval = {t: COCOeval(coco_gt, iouType=t) for t in iou_types}
         self.img_ids = []
@@ -94,7 +119,8 @@ class CocoEvaluator:
         return self.coco_eval[iou_type]
 
     def update(self, predictions):
-        """Evaluate one batch: {image_id: {'scores': (N,), 'labels': (N,), 'boxes': (N, 4) xyxy}}.
+        """Evaluate one batch: {image_id: {'scores': (N,), 'labels': (N,), 'boxes': (N, 4) xyxy}}
+        (and 'masks' (N, 1, H, W) for segm).
 
         An image with N = 0 still counts (its ground truth becomes misses).
         """
@@ -107,8 +133,9 @@ class CocoEvaluator:
                              f"evaluate against the COCO object of the data set the images came from")
         self._merged = False
         self.img_ids.extend(img_ids)
-        results = predictions_to_coco_results(predictions)
         for iou_type in self.iou_types:
+            results = (predictions_to_coco_segmentation(predictions) if iou_type == "segm"
+                       else predictions_to_coco_results(predictions))
             if results:
                 coco_dt, _ = _quiet(COCO.loadRes, self.coco_gt, results)
             else:

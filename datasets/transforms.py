@@ -1,8 +1,9 @@
-"""Joint transforms of a (PIL image, target) pair for detection.
+"""Joint transforms of a (PIL image, target) pair for detection and segmentation.
 
 A target is the dict made by `datasets.coco.prepare_target`: 'boxes' (N, 4) float32 xyxy in
-absolute pixels, 'labels', 'area', 'iscrowd' (one entry per instance), 'image_id', 'orig_size'
-and 'size' (int64 [h, w], kept up to date by every geometric step). The target may be None.
+absolute pixels, 'labels', 'area', 'iscrowd', optionally 'masks' (N, H, W) bool (one entry per
+instance), 'image_id', 'orig_size' and 'size' (int64 [h, w], kept up to date by every geometric
+step). Masks follow every geometric step as the image pixels do. The target may be None.
 
 Geometric steps work on PIL images. `ToTensor` turns the image into a float (3, H, W) tensor in
 [0, 1]; `Normalize` standardises it and turns the boxes into (cx, cy, w, h) divided by the image
@@ -13,13 +14,14 @@ Randomness comes from Python's `random` module, which PyTorch reseeds in every D
 import random
 
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from PIL import Image
 
 from util.box_ops import box_xyxy_to_cxcywh
 
 # Per-instance entries of a target: filtered together when boxes are removed.
-INSTANCE_FIELDS = ("boxes", "labels", "area", "iscrowd")
+INSTANCE_FIELDS = ("boxes", "labels", "area", "iscrowd", "masks")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,8 +85,19 @@ def resize(image, target, size, max_size=None):
         target["boxes"] = target["boxes"] * scale
     if "area" in target:
         target["area"] = target["area"] * (ratio_w * ratio_h)
+    if "masks" in target:
+        target["masks"] = resize_masks(target["masks"], new_h, new_w)
     target["size"] = torch.tensor([new_h, new_w], dtype=torch.int64)
     return image, target
+
+
+def resize_masks(masks, height, width):
+    """(N, h, w) bool masks -> (N, height, width), nearest neighbour (torch's rule)."""
+    if masks.shape[-2:] == (height, width):
+        return masks
+    if masks.shape[0] == 0:
+        return masks.new_zeros((0, height, width))
+    return F.interpolate(masks[:, None].float(), size=(height, width), mode="nearest")[:, 0] > 0.5
 
 
 def crop(image, target, region):
@@ -99,6 +112,8 @@ def crop(image, target, region):
         return image, None
     target = dict(target)
     target["size"] = torch.tensor([height, width], dtype=torch.int64)
+    if "masks" in target:
+        target["masks"] = target["masks"][:, top:top + height, left:left + width]
     if "boxes" in target:
         boxes = target["boxes"] - torch.tensor([left, top, left, top], dtype=torch.float32)
         limit = torch.tensor([width, height, width, height], dtype=torch.float32)
@@ -120,7 +135,26 @@ def hflip(image, target):
     if "boxes" in target:
         x0, y0, x1, y1 = target["boxes"].unbind(-1)
         target["boxes"] = torch.stack([w - x1, y0, w - x0, y1], dim=-1)
+    if "masks" in target:
+        target["masks"] = target["masks"].flip(-1)
     return image, target
+
+
+def pad(image, target, padding):
+    """Pad a PIL image with `padding` = (right, bottom) black pixels; masks are padded with False.
+
+    Boxes and areas do not change; 'size' becomes the padded size.
+    """
+    pad_w, pad_h = (int(v) for v in padding)
+    padded = Image.new(image.mode, (image.width + pad_w, image.height + pad_h))
+    padded.paste(image, (0, 0))
+    if target is None:
+        return padded, None
+    target = dict(target)
+    target["size"] = torch.tensor([padded.height, padded.width], dtype=torch.int64)
+    if "masks" in target:
+        target["masks"] = F.pad(target["masks"], (0, pad_w, 0, pad_h))
+    return padded, target
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,6 +225,19 @@ class RandomSizeCrop:
 
     def __repr__(self):
         return f"{type(self).__name__}(min_size={self.min_size}, max_size={self.max_size})"
+
+
+class RandomPad:
+    """Pad right and bottom by amounts drawn uniformly from 0..max_pad."""
+
+    def __init__(self, max_pad):
+        self.max_pad = max_pad
+
+    def __call__(self, image, target):
+        return pad(image, target, (random.randint(0, self.max_pad), random.randint(0, self.max_pad)))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(max_pad={self.max_pad})"
 
 
 class RandomSelect:

@@ -5,10 +5,12 @@ from torch import nn
 
 from util import box_ops
 from util.misc import (NestedTensor, accuracy, get_world_size, is_dist_avail_and_initialized,
-                       nested_tensor_from_tensor_list)
+                       nested_tensor_from_tensor_list, pad_masks)
 
 from .backbone import build_backbone
 from .matcher import build_matcher
+from .segmentation import (DETRsegm, PostProcessPanoptic, PostProcessSegm, dice_loss,
+                           sigmoid_focal_loss)
 from .transformer import build_transformer
 
 
@@ -53,9 +55,10 @@ class SetCriterion(nn.Module):
 
     def __init__(self, num_classes, matcher, weight_dict, eos_coef, losses):
         super().__init__()
-        unknown = set(losses) - {"labels", "cardinality", "boxes"}
+        unknown = set(losses) - {"labels", "cardinality", "boxes", "masks"}
         if unknown:
-            raise ValueError(f"unknown losses {sorted(unknown)}; expected labels, cardinality, boxes")
+            raise ValueError(f"unknown losses {sorted(unknown)}; expected labels, cardinality, "
+                             f"boxes, masks")
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict
@@ -95,6 +98,19 @@ class SetCriterion(nn.Module):
         return {"loss_bbox": loss_bbox.sum() / num_boxes,
                 "loss_giou": (1 - torch.diag(giou)).sum() / num_boxes}
 
+    def loss_masks(self, outputs, targets, indices, num_boxes):
+        """Focal and dice losses of the matched queries' masks, upsampled to the padded targets."""
+        idx = self._src_permutation_idx(indices)
+        src_masks = outputs["pred_masks"][idx]
+        height = max(t["masks"].shape[-2] for t in targets)
+        width = max(t["masks"].shape[-1] for t in targets)
+        target_masks = torch.cat([pad_masks(t["masks"][j], height, width)
+                                  for t, (_, j) in zip(targets, indices)]).to(src_masks)
+        src_masks = F.interpolate(src_masks[:, None], size=(height, width), mode="bilinear",
+                                  align_corners=False)[:, 0]
+        return {"loss_mask": sigmoid_focal_loss(src_masks.flatten(1), target_masks.flatten(1), num_boxes),
+                "loss_dice": dice_loss(src_masks.flatten(1), target_masks.flatten(1), num_boxes)}
+
     @staticmethod
     def _src_permutation_idx(indices):
         batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
@@ -103,7 +119,7 @@ class SetCriterion(nn.Module):
 
     def get_loss(self, loss, outputs, targets, indices, num_boxes, **kwargs):
         loss_fn = {"labels": self.loss_labels, "cardinality": self.loss_cardinality,
-                   "boxes": self.loss_boxes}[loss]
+                   "boxes": self.loss_boxes, "masks": self.loss_masks}[loss]
         return loss_fn(outputs, targets, indices, num_boxes, **kwargs)
 
     def forward(self, outputs, targets):
@@ -126,6 +142,8 @@ class SetCriterion(nn.Module):
         for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
             indices = self.matcher(aux_outputs, targets)
             for loss in self.losses:
+                if loss == "masks":  # no masks are predicted for the intermediate layers
+                    continue
                 kwargs = {"log": False} if loss == "labels" else {}
                 aux_losses = self.get_loss(loss, aux_outputs, targets, indices, num_boxes, **kwargs)
                 losses.update({f"{k}_{i}": v for k, v in aux_losses.items()})
@@ -172,21 +190,37 @@ def num_classes_for(args):
     return dataset_num_classes(args.dataset_file)
 
 
+def is_thing_map_for(args):
+    """{category id: is a thing} of a panoptic data set, None for the others."""
+    from datasets import is_thing_map_for as dataset_is_thing_map
+    return dataset_is_thing_map(args.dataset_file)
+
+
 def build(args):
-    if getattr(args, "masks", False):
-        raise ValueError("--masks (panoptic segmentation) is not supported by this codebase")
+    masks = getattr(args, "masks", False)
     device = torch.device(args.device)
     backbone = build_backbone(args)
     transformer = build_transformer(args)
     num_classes = num_classes_for(args)
     model = DETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
                  aux_loss=args.aux_loss)
+    if masks:
+        model = DETRsegm(model, freeze_detr=getattr(args, "frozen_weights", None) is not None)
     base_weights = {"loss_ce": 1, "loss_bbox": args.bbox_loss_coef, "loss_giou": args.giou_loss_coef}
     weight_dict = dict(base_weights)
+    if masks:
+        weight_dict.update(loss_mask=args.mask_loss_coef, loss_dice=args.dice_loss_coef)
     if args.aux_loss:
         for i in range(args.dec_layers - 1):
             weight_dict.update({f"{k}_{i}": v for k, v in base_weights.items()})
     criterion = SetCriterion(num_classes, matcher=build_matcher(args), weight_dict=weight_dict,
-                             eos_coef=args.eos_coef, losses=["labels", "boxes", "cardinality"])
+                             eos_coef=args.eos_coef,
+                             losses=["labels", "boxes", "cardinality"] + (["masks"] if masks else []))
     criterion.to(device)
-    return model, criterion, {"bbox": PostProcess()}
+    postprocessors = {"bbox": PostProcess()}
+    if masks:
+        postprocessors["segm"] = PostProcessSegm()
+        is_thing_map = is_thing_map_for(args)
+        if is_thing_map is not None:
+            postprocessors["panoptic"] = PostProcessPanoptic(is_thing_map, threshold=0.85)
+    return model, criterion, postprocessors

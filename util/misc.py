@@ -54,10 +54,22 @@ def nested_tensor_from_tensor_list(tensor_list):
     return NestedTensor(tensors, mask)
 
 
+def pad_masks(masks, height, width):
+    """Zero-pad (N, h, w) masks bottom/right to (N, height, width), as images are in a batch."""
+    return torch.nn.functional.pad(masks, (0, width - masks.shape[-1], 0, height - masks.shape[-2]))
+
+
 def collate_fn(batch):
-    """DataLoader collate: a list of (image, target) pairs -> (NestedTensor, tuple of targets)."""
+    """DataLoader collate: a list of (image, target) pairs -> (NestedTensor, tuple of targets).
+
+    Target 'masks' (segmentation) are padded like their images, to the batch's largest H and W.
+    """
     images, targets = zip(*batch)
-    return nested_tensor_from_tensor_list(list(images)), targets
+    samples = nested_tensor_from_tensor_list(list(images))
+    if any(t is not None and "masks" in t for t in targets):
+        height, width = samples.tensors.shape[-2:]
+        targets = tuple(dict(t, masks=pad_masks(t["masks"], height, width)) for t in targets)
+    return samples, targets
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,165 @@
+"""COCO panoptic segmentation 2017: images, segment masks from the panoptic PNGs, DETR targets.
+
+Expected layout:
+
+    <coco_path>/train2017/ (or train2017.zip), <coco_path>/val2017/ (or val2017.zip): the images
+    <coco_panoptic_path>/annotations/panoptic_{train,val}2017.json
+    <coco_panoptic_path>/panoptic_{train,val}2017/<file_name>.png
+
+A PNG pixel's colour (R, G, B) is the segment id R + 256 G + 256^2 B; id 0 is void. Each segment
+of an image's 'segments_info' becomes one target instance: its mask, its category id as label, its
+json box (xywh -> xyxy, clipped to the image), 'iscrowd' and 'area'.
+"""
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as coco_mask
+from pycocotools.coco import COCO
+
+from datasets import transforms as T
+from datasets.coco import SPLITS, CocoDetection, DatasetNotFoundError, find_images, load_coco_api
+from util.panoptic import rgb_to_id
+
+PANOPTIC_LAYOUT_HELP = (
+    "expected layout: <coco_panoptic_path>/annotations/panoptic_{train,val}2017.json and the PNG "
+    "folders <coco_panoptic_path>/panoptic_{train,val}2017/; images under --coco_path as for "
+    "detection (train2017/ and val2017/ folders or zips)"
+)
+
+
+class CocoPanoptic(CocoDetection):
+    """(image, target) pairs of one COCO panoptic split, in increasing image id order.
+
+    Shares CocoDetection's item reading; the annotations come from the panoptic json and PNGs.
+
+    `image_root` holds the images (folder or zip, as CocoDetection), `panoptic_root` the json and
+    PNGs. Targets carry 'masks' (N, H, W) bool only with `return_masks`. `instances_file`, when
+    given, is the COCO instances json of the same images, used as box/mask AP ground truth (as
+    DETR does); without it that ground truth is made from the thing segments of the panoptic data.
+    """
+
+    def __init__(self, image_root, panoptic_root, split, transforms=None, return_masks=True,
+                 instances_file=None):
+        # CocoDetection's __init__ reads an instances file; this one reads the panoptic json
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}: expected one of {sorted(SPLITS)}")
+        split_name = SPLITS[split]
+        for path, what in ((image_root, "--coco_path"), (panoptic_root, "--coco_panoptic_path")):
+            if not path or not os.path.isdir(path):
+                raise DatasetNotFoundError(f"{what} {path!r} is not a folder; {PANOPTIC_LAYOUT_HELP}")
+        self.annotation_file = os.path.join(panoptic_root, "annotations", f"panoptic_{split_name}.json")
+        self.png_folder = os.path.join(panoptic_root, f"panoptic_{split_name}")
+        for path in (self.annotation_file, self.png_folder):
+            if not os.path.exists(path):
+                raise DatasetNotFoundError(f"{path} is missing; {PANOPTIC_LAYOUT_HELP}")
+        try:
+            with open(self.annotation_file) as f:
+                data = json.load(f)
+            self.images = {img["id"]: img for img in data["images"]}
+            self.annotations = {ann["image_id"]: ann for ann in data["annotations"]}
+            self.categories = {c["id"]: c for c in data["categories"]}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{self.annotation_file} is not a COCO panoptic json ({err!r})") from err
+        unannotated = [i for i in self.images if i not in self.annotations]
+        if unannotated:
+            raise ValueError(f"{self.annotation_file}: images {unannotated[:5]} have no annotation")
+        self.ids = sorted(self.images)
+        self.image_source = find_images(image_root, split_name)
+        self.split = split
+        self.transforms = transforms
+        self.return_masks = return_masks
+        self.instances_file = instances_file
+        self._coco = None
+
+    def __len__(self):
+        return len(self.ids)
+
+    def load_image(self, image_id):
+        with self.image_source.open_bytes(self.images[image_id]["file_name"]) as f, Image.open(f) as img:
+            return img.convert("RGB")
+
+    def load_ids(self, image_id):
+        """(H, W) int64 segment ids of an image's panoptic PNG (0: void)."""
+        path = os.path.join(self.png_folder, self.annotations[image_id]["file_name"])
+        if not os.path.isfile(path):
+            raise DatasetNotFoundError(f"panoptic PNG {path} is missing; {PANOPTIC_LAYOUT_HELP}")
+        with Image.open(path) as png:
+            return rgb_to_id(np.asarray(png.convert("RGB")))
+
+    def load_target(self, image_id, image_size):
+        w, h = image_size
+        segments = self.annotations[image_id]["segments_info"]
+        boxes = torch.tensor([s["bbox"] for s in segments], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2].clamp_(min=0, max=w)
+        boxes[:, 1::2].clamp_(min=0, max=h)
+        size = torch.tensor([h, w], dtype=torch.int64)
+        target = {
+            "boxes": boxes,
+            "labels": torch.tensor([s["category_id"] for s in segments], dtype=torch.int64),
+            "image_id": torch.tensor([image_id], dtype=torch.int64),
+            "area": torch.tensor([s["area"] for s in segments], dtype=torch.float32),
+            "iscrowd": torch.tensor([s.get("iscrowd", 0) for s in segments], dtype=torch.int64),
+            "orig_size": size,
+            "size": size.clone(),
+        }
+        if self.return_masks:
+            ids = self.load_ids(image_id)
+            if ids.shape != (h, w):
+                raise ValueError(f"panoptic PNG of image {image_id} is {ids.shape[1]}x{ids.shape[0]}, "
+                                 f"the image {w}x{h}")
+            segment_ids = np.array([s["id"] for s in segments], dtype=np.int64).reshape(-1, 1, 1)
+            target["masks"] = torch.from_numpy(ids[None] == segment_ids)
+        return target
+
+    @property
+    def coco(self):
+        """pycocotools COCO ground truth of the thing instances, for box and mask AP."""
+        if self._coco is None:
+            if self.instances_file is not None:
+                self._coco = load_coco_api(self.instances_file)
+            else:
+                self._coco = self._things_as_instances()
+        return self._coco
+
+    def _things_as_instances(self):
+        annotations = []
+        for image_id in self.ids:
+            things = [s for s in self.annotations[image_id]["segments_info"]
+                      if self.categories[s["category_id"]].get("isthing", 1)]
+            ids = self.load_ids(image_id) if things else None
+            for s in things:
+                rle = coco_mask.encode(np.asfortranarray((ids == s["id"]).astype(np.uint8)))
+                rle["counts"] = rle["counts"].decode("ascii")
+                annotations.append({"id": len(annotations) + 1, "image_id": image_id,
+                                    "category_id": s["category_id"], "bbox": s["bbox"],
+                                    "area": s["area"], "iscrowd": s.get("iscrowd", 0),
+                                    "segmentation": rle})
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            coco = COCO()
+            coco.dataset = {"images": [self.images[i] for i in self.ids], "annotations": annotations,
+                            "categories": [c for c in self.categories.values() if c.get("isthing", 1)]}
+            coco.createIndex()
+        return coco
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(split={self.split!r}, images={len(self)}, "
+                f"annotations={self.annotation_file!r}, source={self.image_source!r})")
+
+
+def build(image_set, args):
+    """COCO panoptic 2017 split `image_set`: images under --coco_path, panoptic data under
+    --coco_panoptic_path; box/mask AP against <coco_path>/annotations/instances_*.json if present."""
+    if not getattr(args, "coco_path", None) or not getattr(args, "coco_panoptic_path", None):
+        raise DatasetNotFoundError("--dataset_file coco_panoptic needs --coco_path (images) and "
+                                   f"--coco_panoptic_path; {PANOPTIC_LAYOUT_HELP}")
+    instances = os.path.join(args.coco_path, "annotations", f"instances_{SPLITS[image_set]}.json")
+    return CocoPanoptic(args.coco_path, args.coco_panoptic_path, image_set,
+                        transforms=T.make_coco_transforms(image_set),
+                        return_masks=getattr(args, "masks", False),
+                        instances_file=instances if os.path.isfile(instances) else None)
