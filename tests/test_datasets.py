@@ -275,12 +275,12 @@ def test_zip_missing_member(tmp_path):
 
 
 def test_unsupported_options(tmp_path):
-    with pytest.raises(ValueError, match="coco_panoptic"):
+    with pytest.raises(DatasetNotFoundError, match="--coco_panoptic_path"):
         datasets.build_dataset("val", make_args(dataset_file="coco_panoptic"))
     with pytest.raises(ValueError, match="unknown --dataset_file"):
         datasets.build_dataset("val", make_args(dataset_file="voc"))
-    with pytest.raises(ValueError, match="masks"):
-        datasets.build_dataset("val", make_args(coco_path=str(tmp_path), masks=True))
+    with pytest.raises(ValueError, match="toy_panoptic"):
+        datasets.build_dataset("val", make_args(dataset_file="toy", masks=True))
     with pytest.raises(ValueError, match="image_set"):
         datasets.build_dataset("test", make_args())
 
@@ -615,8 +615,10 @@ def test_summarize_before_accumulate_is_an_error():
     evaluator = CocoEvaluator(clean_gt())
     with pytest.raises(RuntimeError, match="accumulate"):
         evaluator.summarize()
-    with pytest.raises(ValueError, match="segm"):
+    with pytest.raises(ValueError, match="needs a 'segmentation'"):
         CocoEvaluator(clean_gt(), ("bbox", "segm"))
+    with pytest.raises(ValueError, match="unsupported"):
+        CocoEvaluator(clean_gt(), ("keypoints",))
     with pytest.raises(ValueError, match="not in the ground truth"):
         evaluator.update(no_predictions([12345]))
 
