@@ -233,7 +233,11 @@ class PostProcessPanoptic(nn.Module):
     @torch.no_grad()
     def forward(self, outputs, processed_sizes, target_sizes=None):
         """processed_sizes: per image the (h, w) it had in the batch before padding;
-        target_sizes: the (h, w) of the output id image (default: processed_sizes)."""
+        target_sizes: the (h, w) of the output id image (default: processed_sizes).
+
+        As in DETR, each image's mask logits over the whole padded batch are resized to its
+        processed size (the padding is not cropped first): exact for images that fill the batch.
+        """
         if target_sizes is None:
             target_sizes = processed_sizes
         logits, masks = outputs["pred_logits"], outputs["pred_masks"]
