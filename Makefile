@@ -20,7 +20,7 @@ PANOPTIC_OUT ?= toy_panoptic_out
 PANOPTIC_ARGS = --dataset_file toy_panoptic --toy_path $(PANOPTIC_OUT)/toy_data \
     --enc_rpe2d rpe-2.0-product-ctx-1-k --backbone resnet18 --backbone_weights none --lr 4e-4 \
     --lr_backbone 2e-5 --dropout 0 --hidden_dim 128 --nheads 8 --dim_feedforward 256 --enc_layers 2 \
-    --dec_layers 2 --num_queries 10 --batch_size 8 --num_workers 1
+    --dec_layers 2 --num_queries 10 --batch_size 8 --num_workers 1 --toy_num_train 400 --toy_num_val 50
 
 .PHONY: demo panoptic_demo test setup rpe_ops clean
 
@@ -28,7 +28,7 @@ demo: setup
 	$(PY) main.py $(DEMO_ARGS)
 
 panoptic_demo: setup
-	$(PY) main.py $(PANOPTIC_ARGS) --output_dir $(PANOPTIC_OUT)/detector --epochs 8 --lr_drop 6
+	$(PY) main.py $(PANOPTIC_ARGS) --output_dir $(PANOPTIC_OUT)/detector --epochs 6 --lr_drop 5
 	$(PY) main.py $(PANOPTIC_ARGS) --output_dir $(PANOPTIC_OUT)/masks --masks \
 	    --frozen_weights $(PANOPTIC_OUT)/detector/checkpoint.pth --epochs 2
 

@@ -1,10 +1,12 @@
-"""main.py with --masks end to end on CPU: toy panoptic in two stages, COCO polygons jointly,
-COCO panoptic evaluation, and the messages of options that do not fit."""
+"""main.py with --masks end to end on CPU: toy panoptic in two stages and jointly, a frozen
+detector on COCO polygons, COCO panoptic evaluation, and the messages of options that do not fit."""
 import json
 import os
 
 import pytest
 import torch
+
+import main
 
 from tests.mini_coco import write_mini_coco
 from tests.mini_panoptic import add_instance_masks, write_mini_panoptic
@@ -61,14 +63,29 @@ def mini_masks(tmp_path_factory):
     return root
 
 
-def test_joint_mask_training_on_coco_polygons(mini_masks, tmp_path):
+def test_frozen_mask_head_on_coco_polygons(mini_masks, tmp_path):
+    # a detector checkpoint as DETR's first stage writes it (here untrained)
+    from models import build_model
+    detector, _, _ = build_model(main.get_args_parser().parse_args(["--num_classes", "8", *TINY_MASKS]))
+    torch.save({"model": detector.state_dict()}, tmp_path / "detector.pth")
     stats = run_main("--coco_path", mini_masks / "coco", "--output_dir", tmp_path / "out", "--masks",
+                     "--frozen_weights", tmp_path / "detector.pth", "--num_classes", "8",
                      "--epochs", "1", *TINY_MASKS)
     assert len(stats["coco_eval_masks"]) == 12 and "PQ_all" not in stats
+    model = load_checkpoint(tmp_path / "out" / "checkpoint.pth")["model"]
+    for k, v in detector.state_dict().items():
+        assert torch.equal(model["detr." + k], v), k
+
+
+def test_joint_mask_training_on_toy_panoptic(tmp_path):
+    stats = run_main("--dataset_file", "toy_panoptic", "--toy_path", tmp_path / "toy", "--toy_num_train", "4",
+                     "--toy_num_val", "2", "--batch_size", "2", "--epochs", "1", "--masks",
+                     "--output_dir", tmp_path / "out", *TINY_MASKS)
+    assert {"PQ_all", "coco_eval_masks"} <= set(stats)
     checkpoint = load_checkpoint(tmp_path / "out" / "checkpoint.pth")
     # without --frozen_weights the detector trains too
-    trained = len(checkpoint["optimizer"]["state"])
-    assert trained > sum(1 for k in checkpoint["model"] if not k.startswith("detr."))
+    head = sum(1 for k in checkpoint["model"] if not k.startswith("detr."))
+    assert len(checkpoint["optimizer"]["state"]) > head
 
 
 def test_coco_panoptic_evaluation(mini_masks, tmp_path):
