@@ -111,7 +111,7 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
     utils.logger.info(f"Averaged stats: {metric_logger}")
     coco_evaluator.synchronize_between_processes()
     coco_evaluator.accumulate()
-    utils.logger.info("COCO box evaluation:\n%s", coco_evaluator.summarize())
+    utils.logger.info("COCO evaluation:\n%s", coco_evaluator.summarize())
     stats = {k: meter.global_avg for k, meter in metric_logger.meters.items()}
     stats["coco_eval_bbox"] = coco_evaluator.coco_eval["bbox"].stats.tolist()
     if "segm" in coco_evaluator.coco_eval:
