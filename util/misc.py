@@ -129,6 +129,17 @@ def distributed_env(local_rank_arg=None):
     return None
 
 
+def num_nodes():
+    """How many machines the run spans, as the launcher says (1 when it says nothing)."""
+    env = os.environ
+    for name in ("GROUP_WORLD_SIZE", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"):  # torchrun, Slurm
+        if env.get(name):
+            return int(env[name])
+    if env.get("LOCAL_WORLD_SIZE"):
+        return max(get_world_size() // int(env["LOCAL_WORLD_SIZE"]), 1)
+    return 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Metric logging
 
