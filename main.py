@@ -147,8 +147,9 @@ def init_distributed_mode(args):
     if args.dist_url == "env://" and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
         raise SystemExit("distributed run without MASTER_ADDR and MASTER_PORT in the environment "
                          "(as under SLURM): export both, or pass --dist_url tcp://HOST:PORT")
-    torch.distributed.init_process_group(backend=backend, init_method=args.dist_url,
-                                         world_size=args.world_size, rank=args.rank)
+    store = utils.restart_store(args.world_size) if args.dist_url == "env://" else None
+    torch.distributed.init_process_group(backend=backend, init_method=None if store else args.dist_url,
+                                         store=store, world_size=args.world_size, rank=args.rank)
     torch.distributed.barrier()
 
 

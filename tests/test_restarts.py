@@ -108,17 +108,6 @@ def straight(toy, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def straight_two(toy, tmp_path_factory):
-    """3 epochs in two processes on one node, never interrupted."""
-    out = tmp_path_factory.mktemp("straight_two")
-    code, text = finish(start("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
-                              "main.py", *options(toy, out)))
-    assert code == 0, text[-3000:]
-    assert "world size 2 on 1 node, 2 images per process, effective batch 4" in (out / "run.log").read_text()
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Signals while a checkpoint is written; the --auto_resume rule
 
@@ -217,37 +206,52 @@ def test_sigterm_then_sigkill_then_the_same_command_ends_as_never_stopped(toy, s
 # ----------------------------------------------------------------------------------------------
 # torchrun: two nodes on one machine, and an elastic restart
 
-def test_two_nodes_of_one_process_equal_one_node_of_two(toy, straight_two, tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def two_nodes(toy, tmp_path_factory):
+    """3 epochs on two "nodes" of one process each (two torchrun agents, c10d rendezvous)."""
+    out = tmp_path_factory.mktemp("two_nodes")
     endpoint = f"127.0.0.1:{free_port()}"
     nodes = [start("-m", "torch.distributed.run", "--nnodes", 2, "--nproc_per_node", 1, "--node_rank",
                    rank, "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "two_nodes",
-                   "main.py", *options(toy, out, epochs=1)) for rank in (0, 1)]
+                   "main.py", *options(toy, out)) for rank in (0, 1)]
     for node in nodes:
         code, text = finish(node)
         assert code == 0, text[-3000:]
-    log = (out / "run.log").read_text()
-    assert "world size 2 on 2 nodes, 2 images per process, effective batch 4" in log
-    assert log.count("start training") == 1  # one process logs and writes
-    assert_same_state(load_checkpoint(out / "checkpoint.pth"),
-                      load_checkpoint(straight_two / "checkpoint0000.pth"))
+    return out
 
 
-def test_worker_killed_in_epoch_2_group_restarts_and_ends_as_never_stopped(toy, straight_two, tmp_path):
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def restarted(toy, tmp_path_factory):
+    """3 epochs on one node of two processes, one of them killed in epoch 2; torchrun restarts."""
+    out = tmp_path_factory.mktemp("restarted")
     proc = start("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
                  "--max_restarts", 1, "--monitor_interval", 0.1, "main.py", *options(toy, out))
-    wait_for_line(proc, out / "run.log", "Epoch: [2] [0/2]")
+    wait_for_line(proc, out / "run.log", "Epoch: [2] [0/1]")  # one iteration per epoch and process
     workers = children(proc.pid)
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
     code, text = finish(proc)
     assert code == 0, text[-3000:]
-    log = (out / "run.log").read_text()
+    return out
+
+
+def test_two_nodes_of_one_process_equal_one_node_of_two(two_nodes, restarted):
+    log = (two_nodes / "run.log").read_text()
+    assert "world size 2 on 2 nodes, 2 images per process, effective batch 4" in log
+    assert log.count("start training") == 1  # one process logs and writes
+    assert "world size 2 on 1 node, 2 images per process" in (restarted / "run.log").read_text()
+    # the first epoch of the one-node run, written before one of its processes was killed
+    assert_same_state(load_checkpoint(two_nodes / "checkpoint0000.pth"),
+                      load_checkpoint(restarted / "checkpoint0000.pth"))
+
+
+def test_worker_killed_in_epoch_2_group_restarts_and_ends_as_never_stopped(two_nodes, restarted):
+    log = (restarted / "run.log").read_text()
     assert "restart 1 by torchrun: --auto_resume is on" in log
-    assert f"resumed from {out / 'checkpoint.pth'} (epoch 1)" in log
-    assert_same_state(load_checkpoint(out / "checkpoint.pth"), load_checkpoint(straight_two / "checkpoint.pth"))
-    assert logged_epochs(out) == [0, 1, 2]
+    assert f"resumed from {restarted / 'checkpoint.pth'} (epoch 1)" in log
+    assert_same_state(load_checkpoint(restarted / "checkpoint.pth"),
+                      load_checkpoint(two_nodes / "checkpoint.pth"))
+    assert logged_epochs(restarted) == [0, 1, 2]
 
 
 # ----------------------------------------------------------------------------------------------
