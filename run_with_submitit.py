@@ -101,5 +101,5 @@ if __name__ == "__main__":
     print(f"submitted job {submitted.job_id}; logs in {submitted.paths.folder}, output in "
           f"{cli_args.output_dir}", flush=True)
     if cli_args.local:
-        submitted.result()  # raises with the job's traceback when it failed
+        submitted.results()  # every task's; raises with the traceback of a task that failed
         print(f"job {submitted.job_id} finished", flush=True)
