@@ -58,7 +58,9 @@ def signals_deferred(signums=STOP_SIGNALS):
         yield
         return
     received = []
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signums}
+    # a handler installed outside Python (getsignal gives None) could not be put back: left alone
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in signums if signal.getsignal(s) is not None}
     try:
         yield
     finally:
