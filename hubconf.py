@@ -13,11 +13,9 @@ import os
 
 import torch
 
-from models.backbone import Backbone, Joiner
-from models.detr import DETR, PostProcess
-from models.position_encoding import PositionEmbeddingSine
-from models.transformer import Transformer
-from util.checkpoint import CheckpointError, cached_download, load_checkpoint
+# modules only, so that every public callable here is an entry point
+from models import backbone, detr, position_encoding, transformer
+from util import checkpoint as checkpoints
 
 dependencies = ["torch", "torchvision", "scipy"]
 
@@ -29,11 +27,13 @@ def _make_detr(backbone_name, enc_rpe2d="", num_classes=_COCO_CLASSES):
     """DETR's architecture at its defaults (hidden 256, 6 + 6 layers, 100 queries), with iRPE
     `enc_rpe2d` in the encoder."""
     hidden_dim = 256
-    backbone = Backbone(backbone_name, train_backbone=True, return_interm_layers=False,
-                        dilation=False)
-    joiner = Joiner(backbone, PositionEmbeddingSine(hidden_dim // 2, normalize=True))
-    transformer = Transformer(d_model=hidden_dim, return_intermediate_dec=True, rpe_config=enc_rpe2d)
-    return DETR(joiner, transformer, num_classes=num_classes, num_queries=100)
+    resnet = backbone.Backbone(backbone_name, train_backbone=True, return_interm_layers=False,
+                               dilation=False)
+    joiner = backbone.Joiner(resnet, position_encoding.PositionEmbeddingSine(hidden_dim // 2,
+                                                                             normalize=True))
+    encoder_decoder = transformer.Transformer(d_model=hidden_dim, return_intermediate_dec=True,
+                                              rpe_config=enc_rpe2d)
+    return detr.DETR(joiner, encoder_decoder, num_classes=num_classes, num_queries=100)
 
 
 def _published_checkpoint(url, num_classes):
@@ -45,13 +45,13 @@ def _published_checkpoint(url, num_classes):
     path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
     if not os.path.isfile(path):
         try:
-            path = cached_download(url)
-        except CheckpointError as err:
+            path = checkpoints.cached_download(url)
+        except checkpoints.CheckpointError as err:
             raise RuntimeError(
                 f"pretrained=True needs {name}, which is not in torch's hub cache and could not be "
                 f"downloaded from {url} ({err.__cause__ or err}). Download it where there is "
                 f"network and put it at {path}, or use pretrained=False") from None
-    return load_checkpoint(path)
+    return checkpoints.load_checkpoint(path)
 
 
 def _entry(backbone_name, enc_rpe2d, url, pretrained, num_classes, return_postprocessor):
@@ -59,7 +59,7 @@ def _entry(backbone_name, enc_rpe2d, url, pretrained, num_classes, return_postpr
     model = _make_detr(backbone_name, enc_rpe2d, num_classes)
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"], strict=True)
-    return (model, PostProcess()) if return_postprocessor else model
+    return (model, detr.PostProcess()) if return_postprocessor else model
 
 
 def detr_resnet50(pretrained=False, num_classes=_COCO_CLASSES, return_postprocessor=False):

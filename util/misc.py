@@ -48,6 +48,8 @@ def _nested_tensor_children(x):
 pytree.register_pytree_node(
     NestedTensor, lambda x: ([x.tensors, x.mask], None), lambda children, _: NestedTensor(*children),
     serialized_type_name="util.misc.NestedTensor", flatten_with_keys_fn=_nested_tensor_children)
+# torch.export.save keeps the example inputs; torch.export.load reads them with weights_only
+torch.serialization.add_safe_globals([NestedTensor])
 
 
 def nested_tensor_from_tensor_list(tensor_list: Union[Tensor, List[Tensor]]) -> NestedTensor:
