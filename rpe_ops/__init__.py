@@ -14,7 +14,10 @@ Its transpose sums a (B, H, Lq, Lk) tensor into buckets:
 It is the gradient of rpe_index and also the forward of the value path of
 iRPE.  Both functions are differentiable (each is the other's gradient), are
 registered as the operators torch.ops.rpe_ops.rpe_index and
-torch.ops.rpe_ops.rpe_index_backward, and work under torch.compile.
+torch.ops.rpe_ops.rpe_index_backward, and work under torch.compile and from
+TorchScript.  Under torch.export they are written as torch.gather /
+scatter_add instead, so that exported programs and ONNX files need only
+standard operators.
 
 They run on the compiled extension (rpe_ops._C: CPU and, when built with a
 CUDA toolkit, CUDA kernels) if it can be loaded, and otherwise on a
