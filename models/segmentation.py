@@ -7,7 +7,7 @@ stack (`MaskHeadSmallConv`) that adds the backbone's C4, C3 and C2 on the way up
 COCO panoptic id image; `sigmoid_focal_loss` and `dice_loss` are the training losses.
 """
 import io
-from typing import Dict, List
+from typing import Dict, List, Union
 
 import numpy as np
 import torch
@@ -33,23 +33,28 @@ class DETRsegm(nn.Module):
         # C4, C3, C2 of a ResNet have 1/2, 1/4, 1/8 of C5's channels
         self.mask_head = MaskHeadSmallConv(hidden_dim + nheads, [c5 // 2, c5 // 4, c5 // 8], hidden_dim)
 
-    def forward(self, samples: NestedTensor) -> Dict[str, Tensor]:
+    def forward(self, samples: Union[NestedTensor, Tensor, List[Tensor]]
+                ) -> Dict[str, Union[Tensor, List[Dict[str, Tensor]]]]:
         """The detector's outputs plus 'pred_masks' (B, Q, H/4, W/4), mask logits of every query.
 
-        The backbone must return its four stages (C2..C5), as it does when built with masks on.
+        samples as for DETR. The backbone must return its four stages (C2..C5), as it does when
+        built with masks on.
         """
         if not isinstance(samples, NestedTensor):
-            samples = nested_tensor_from_tensor_list(list(samples))
+            samples = nested_tensor_from_tensor_list(samples)
         features, pos = self.detr.backbone(samples)
         if len(features) != 4:
-            raise ValueError(f"DETRsegm needs the backbone's four stages (C2..C5), got "
-                             f"{len(features)}: build the backbone with return_interm_layers (--masks)")
+            raise ValueError("DETRsegm needs the backbone's four stages (C2..C5): build the "
+                             "backbone with return_interm_layers (--masks)")
         src, mask = features[-1].decompose()
+        if mask is None:
+            raise ValueError("DETRsegm needs the padding mask of the NestedTensor")
         src_proj = self.detr.input_proj(src)
         hs, memory = self.detr.transformer(src_proj, mask, self.detr.query_embed.weight, pos[-1])
         outputs_class = self.detr.class_embed(hs)
         outputs_coord = self.detr.bbox_embed(hs).sigmoid()
-        out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
+        out: Dict[str, Union[Tensor, List[Dict[str, Tensor]]]] = {
+            "pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.detr.aux_loss:
             out["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b}
                                   for c, b in zip(outputs_class[:-1], outputs_coord[:-1])]

@@ -170,14 +170,15 @@ def test_segmentation_parts_script():
         == (2, 1, 16, 16)
 
 
-@pytest.mark.xfail(reason="the detector (models/detr.py, rpe attention) does not script yet; "
-                          "DETRsegm scripts once it does", strict=False)
 def test_detrsegm_scripts_and_gives_the_same_outputs():
-    model, _, _ = build_model(make_args(*SMALL_MASKS))
+    model, _, _ = build_model(make_args(*SMALL_MASKS, "--enc_rpe2d", "rpe-2.0-product-ctx-1-k"))
     model.eval()
     scripted = torch.jit.script(model)
     samples = _images()
-    torch.testing.assert_close(scripted(samples)["pred_masks"], model(samples)["pred_masks"])
+    with torch.no_grad():
+        got, expected = scripted(samples), model(samples)
+    for key in ("pred_logits", "pred_boxes", "pred_masks"):
+        torch.testing.assert_close(got[key], expected[key])
 
 
 # ----------------------------------------------------------------------------------------------
