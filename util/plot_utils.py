@@ -75,30 +75,29 @@ def plot_logs(folders, out, names=None):
     if not folders:
         raise ValueError("plot_logs needs at least one folder")
     names = names or [f.resolve().name or str(f) for f in folders]
-    logs = [read_log(f) for f in folders]
+    runs = []  # per folder: epochs, {log key: values}; every file is checked before drawing
+    for folder in folders:
+        records, path = read_log(folder), folder / "log.txt"
+        keys = [f"{split}_{key}" for _, key in LOG_PANELS for split in ("train", "test")]
+        columns = {k: _column(records, k, path) for k in keys + ["test_coco_eval_bbox"]}
+        runs.append((_column(records, "epoch", path), columns))
     plt = _pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), constrained_layout=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for (title, key), ax in zip(LOG_PANELS, axes.flat):
-        for i, (folder, records, name) in enumerate(zip(folders, logs, names)):
-            epochs = _column(records, "epoch", folder / "log.txt")
-            colour = colours[i % len(colours)]
-            for split, style in (("train", "-"), ("test", "--")):
-                values = _column(records, f"{split}_{key}", folder / "log.txt")
-                label = f"{name} {'train' if split == 'train' else 'val'}"
-                ax.plot(epochs, values, style, color=colour, marker=".", label=label)
-        ax.set_title(title)
-        _epoch_axis(ax)
-    ax = axes.flat[len(LOG_PANELS)]
-    for i, (folder, records, name) in enumerate(zip(folders, logs, names)):
-        epochs = _column(records, "epoch", folder / "log.txt")
-        stats = np.array(_column(records, "test_coco_eval_bbox", folder / "log.txt"))
+    for i, ((epochs, columns), name) in enumerate(zip(runs, names)):
+        colour = colours[i % len(colours)]
+        for (title, key), ax in zip(LOG_PANELS, axes.flat):
+            ax.plot(epochs, columns[f"train_{key}"], "-", color=colour, marker=".", label=f"{name} train")
+            ax.plot(epochs, columns[f"test_{key}"], "--", color=colour, marker=".", label=f"{name} val")
+            ax.set_title(title)
+        stats = np.array(columns["test_coco_eval_bbox"])
         for label, index, style in AP_ENTRIES:
-            ax.plot(epochs, stats[:, index], style, color=colours[i % len(colours)], marker=".",
-                    label=f"{name} {label}")
-    ax.set_title("validation box AP")
-    ax.set_ylim(0, 1)
-    _epoch_axis(ax)
+            axes.flat[-1].plot(epochs, stats[:, index], style, color=colour, marker=".",
+                               label=f"{name} {label}")
+    axes.flat[-1].set_title("validation box AP")
+    axes.flat[-1].set_ylim(0, 1)
+    for ax in axes.flat:
+        _epoch_axis(ax)
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
