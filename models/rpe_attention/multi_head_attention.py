@@ -9,19 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .irpe import build_rpe
-
-
-def _split_heads(x: Tensor, num_heads: int) -> Tensor:
-    """(L, N, E) -> (N, H, L, D)."""
-    length, batch, embed_dim = x.shape
-    return x.view(length, batch, num_heads, embed_dim // num_heads).permute(1, 2, 0, 3)
-
-
-def _as_additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """A bool mask (True = not allowed) becomes -inf/0; a float mask is added as it is."""
-    if mask.dtype == torch.bool:
-        return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))
-    return mask.to(dtype)
+from .rpe_attention_function import apply_masks, merge_heads, split_heads
 
 
 class RPEMultiheadAttention(nn.Module):
@@ -70,7 +58,6 @@ class RPEMultiheadAttention(nn.Module):
         """
         if self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        length, batch, embed_dim = query.shape
         scaling = self.head_dim ** -0.5
         height: Optional[int] = None
         width: Optional[int] = None
@@ -84,9 +71,9 @@ class RPEMultiheadAttention(nn.Module):
         b_v: Optional[Tensor] = None
         if self.in_proj_bias is not None:
             b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = _split_heads(F.linear(query, w_q, b_q) * scaling, self.num_heads)
-        k = _split_heads(F.linear(key, w_k, b_k), self.num_heads)
-        v = _split_heads(F.linear(value, w_v, b_v), self.num_heads)
+        q = split_heads(F.linear(query, w_q, b_q) * scaling, self.num_heads)
+        k = split_heads(F.linear(key, w_k, b_k), self.num_heads)
+        v = split_heads(F.linear(value, w_v, b_v), self.num_heads)
 
         # 2. logits with the relative position terms: on k from the (scaled) queries, on q from the
         #    (scaled) keys, transposed to (query, key) order
@@ -97,13 +84,7 @@ class RPEMultiheadAttention(nn.Module):
             logits = logits + self.rpe_q(k * scaling, height, width).transpose(-2, -1)
 
         # 3. masks
-        if attn_mask is not None:
-            mask = _as_additive_mask(attn_mask, logits.dtype)
-            if mask.dim() == 3:  # (N * H, L, S)
-                mask = mask.view(batch, self.num_heads, mask.shape[-2], mask.shape[-1])
-            logits = logits + mask
-        if key_padding_mask is not None:
-            logits = logits + _as_additive_mask(key_padding_mask, logits.dtype)[:, None, None, :]
+        logits = apply_masks(logits, attn_mask, key_padding_mask)
 
         # 4. weights
         attn = F.dropout(logits.softmax(dim=-1), p=self.dropout, training=self.training)
@@ -112,8 +93,7 @@ class RPEMultiheadAttention(nn.Module):
         out = attn @ v
         if self.rpe_v is not None:
             out = out + self.rpe_v(attn, height, width)
-        out = out.permute(2, 0, 1, 3).reshape(length, batch, embed_dim)
-        out = self.out_proj(out)
+        out = self.out_proj(merge_heads(out))
         if self.batch_first:
             out = out.transpose(0, 1)
 
