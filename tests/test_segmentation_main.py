@@ -16,7 +16,8 @@ from util.checkpoint import load_checkpoint
 # the smallest model the mask head allows (GroupNorm with 8 groups)
 TINY_MASKS = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "128",
               "--nheads", "8", "--dim_feedforward", "64", "--enc_layers", "1", "--dec_layers", "2",
-              "--num_queries", "6", "--device", "cpu", "--num_workers", "0", "--print_freq", "5"]
+              "--num_queries", "6", "--device", "cpu", "--num_workers", "0", "--print_freq", "5",
+              "--vis_images", "0"]
 
 
 def _log(out):
