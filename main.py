@@ -243,7 +243,7 @@ def main(args):
     output_dir = Path(args.output_dir) if args.output_dir else None
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
-        check_compatible(model_without_ddp, checkpoint, args)
+        check_compatible(model_without_ddp, checkpoint, args, name=args.resume)
         model_without_ddp.load_state_dict(checkpoint["model"], strict=True)
         if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
             optimizer.load_state_dict(checkpoint["optimizer"])
