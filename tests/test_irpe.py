@@ -92,11 +92,48 @@ def test_bucket_ids_skip_tokens_use_the_extra_bucket():
 
 
 def test_bucket_ids_are_cached_per_size():
-    a = bucket_ids("product", 2.0, 7, 9, 0, torch.device("cpu"))
-    b = bucket_ids("product", 2.0, 7, 9, 0, torch.device("cpu"))
-    c = bucket_ids("product", 2.0, 9, 7, 0, torch.device("cpu"))
-    assert a is b
+    a = irpe.cached_bucket_ids("product", 2.0, 7, 9, 0, torch.device("cpu"))
+    b = irpe.cached_bucket_ids("product", 2.0, 7, 9, 0, "cpu")
+    c = irpe.cached_bucket_ids("product", 2.0, 9, 7, 0, torch.device("cpu"))
+    assert a is b and a.dtype == torch.int32
+    assert torch.equal(a, bucket_ids("product", 2.0, 7, 9))
     assert a is not c and a.shape == c.shape and not torch.equal(a, c)
+
+
+def test_bucket_id_cache_is_bounded_in_bytes_per_device():
+    # multi-scale training meets hundreds of map sizes: the tables kept stay within the budget
+    cache = irpe.BUCKET_ID_CACHE
+    cache.clear()
+    assert cache.max_bytes <= 64 * 2 ** 20
+    sizes = [(h, w) for h in (24, 25) for w in range(30, 43)]  # large COCO maps, stride 32
+    for h, w in sizes:
+        ids = irpe.cached_bucket_ids("product", 2.0, h, w, 0, "cpu")
+        assert ids.dtype == torch.int32 and ids.shape == (h * w, h * w)
+        assert cache.bytes_on("cpu") <= cache.max_bytes
+    assert cache.bytes_on("cpu") > cache.max_bytes // 2  # it does keep tables
+    assert sum(v.numel() * v.element_size() for _, v in cache._entries.values()) == cache.bytes_on("cpu")
+    cache.clear()
+
+
+def test_device_bounded_cache_evicts_least_recently_used_per_device():
+    from models.rpe_attention.id_cache import DeviceBoundedCache
+    cache = DeviceBoundedCache(max_bytes=100)  # 25 int32 values per device
+    made = []
+
+    def make(n, device):
+        made.append((n, device))
+        return torch.zeros(n, dtype=torch.int32, device=device)
+
+    for key in ("a", "b"):
+        cache.get((key, "cpu"), "cpu", lambda: make(10, "cpu"))
+    cache.get(("m", "meta"), "meta", lambda: make(20, "meta"))  # another device's budget
+    cache.get(("a", "cpu"), "cpu", lambda: make(10, "cpu"))      # hit; "a" becomes the newest
+    cache.get(("c", "cpu"), "cpu", lambda: make(10, "cpu"))      # 120 bytes: "b" goes
+    assert cache.bytes_on("cpu") == 80 and cache.bytes_on("meta") == 80
+    assert set(cache._entries) == {("a", "cpu"), ("c", "cpu"), ("m", "meta")}
+    big = cache.get(("big", "cpu"), "cpu", lambda: make(30, "cpu"))  # over the whole budget
+    assert big.numel() == 30 and ("big", "cpu") not in cache._entries
+    assert made == [(10, "cpu"), (10, "cpu"), (20, "meta"), (10, "cpu"), (30, "cpu")]
 
 
 @pytest.mark.parametrize("ratio,expected", [(1.9, 49), (2.0, 81), (2.5, 121), (3.0, 169)])
