@@ -9,6 +9,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import os
 import random
 import sys
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset
+from datasets.coco import BadImageError, DatasetNotFoundError
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from models import build_model
 from models.backbone import BackboneWeightsError, calibrate_frozen_batchnorm
@@ -29,6 +31,16 @@ from util.checkpoint import (CheckpointError, check_compatible, get_rng_states, 
                              save_atomic, set_rng_states)
 
 logger = logging.getLogger("detr")
+# whether main() got past reading its input: tells input errors from failures of the run
+_run_state = {"started": False}
+
+
+def plain_message(err):
+    """The message of an error, without the traceback text a DataLoader worker wraps it in."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(f"{type(err).__name__}: ", 1)[-1]
+    return text
 
 
 def _rpe_setting(text):
@@ -111,6 +123,11 @@ def get_args_parser():
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--print_freq", default=10, type=int, help="iterations between log lines")
 
+    # Failures
+    parser.add_argument("--skip_bad_images", action="store_true",
+                        help="skip images that cannot be read (counted in the log) instead of "
+                             "stopping with a message naming the file")
+
     # Distributed
     parser.add_argument("--world_size", default=1, type=int, help="number of processes")
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
@@ -145,9 +162,14 @@ def init_distributed_mode(args):
 
 
 def setup_logging(output_dir):
-    """Log INFO on the main process (console and OUTPUT_DIR/run.log); errors only elsewhere."""
+    """Log INFO on the main process (console and OUTPUT_DIR/run.log); errors only elsewhere.
+
+    Records with extra={"file_only": True} (a failure's traceback, which Python prints to the
+    console anyway) go to run.log only.
+    """
     level = logging.INFO if utils.is_main_process() else logging.ERROR
     handlers = [logging.StreamHandler(sys.stdout)]
+    handlers[0].addFilter(lambda record: not getattr(record, "file_only", False))
     if output_dir and utils.is_main_process():
         handlers.append(logging.FileHandler(Path(output_dir) / "run.log"))
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
@@ -177,7 +199,28 @@ def build_loaders(args, dataset_train, dataset_val):
     return data_loader_train, data_loader_val, sampler_train, (sampler_generator, loader_generator)
 
 
+def log_resumed_learning_rates(args, base_lrs):
+    """Say once which learning rates a resumed run uses when the options ask for others."""
+    for option, given, resumed in (("--lr", args.lr, base_lrs[0]), ("--lr_backbone", args.lr_backbone,
+                                                                    base_lrs[1])):
+        if not math.isclose(given, resumed, rel_tol=1e-9, abs_tol=0.0):
+            logger.warning("%s %g differs from the checkpoint's %g: the checkpoint's is used (its "
+                           "optimizer and schedule are resumed, as DETR does); to train with %g, "
+                           "start from the weights of a model-only copy of the checkpoint",
+                           option, given, resumed, given)
+
+
+def log_skipped_images(dataset, name):
+    """With --skip_bad_images: how many unreadable images were skipped so far, over all processes."""
+    counter = getattr(dataset, "skipped", None)
+    if counter is not None:
+        count = sum(utils.all_gather(counter.value))
+        if count:
+            logger.warning("%d unreadable %s images skipped so far (--skip_bad_images)", count, name)
+
+
 def main(args):
+    _run_state["started"] = False
     init_distributed_mode(args)
     if args.output_dir and utils.is_main_process():
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -248,6 +291,7 @@ def main(args):
         if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
             optimizer.load_state_dict(checkpoint["optimizer"])
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            log_resumed_learning_rates(args, lr_scheduler.base_lrs)
             args.start_epoch = checkpoint["epoch"] + 1
             rng = checkpoint.get("rng_states")
             if rng is not None and len(rng) == utils.get_world_size():
@@ -257,9 +301,11 @@ def main(args):
                                "states are not restored", len(rng), utils.get_world_size())
         logger.info("resumed from %s (epoch %s)", args.resume, checkpoint.get("epoch", "-"))
 
+    _run_state["started"] = True  # from here on, an error is a failure of the run, not of its input
     if args.eval:
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val,
                                               base_ds, device, print_freq=args.print_freq)
+        log_skipped_images(dataset_val, "validation")
         if output_dir and utils.is_main_process():
             save_atomic(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
         return test_stats
@@ -276,9 +322,9 @@ def main(args):
         except NonFiniteLossError as err:
             raise SystemExit(str(err)) from None
         lr_scheduler.step()
-        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val,
-                                              base_ds, device, print_freq=args.print_freq)
-        # saved after evaluation, so the random states are those the next epoch starts from
+        log_skipped_images(dataset_train, "training")
+        # saved before evaluation, so a failure there does not lose the epoch's training (the
+        # evaluation draws nothing from the random states saved)
         rng_states = utils.all_gather(get_rng_states(*generators))
         if output_dir and utils.is_main_process():
             checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
@@ -287,6 +333,10 @@ def main(args):
             save_atomic(checkpoint, output_dir / "checkpoint.pth")
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
                 save_atomic(checkpoint, output_dir / f"checkpoint{epoch:04}.pth")
+        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val,
+                                              base_ds, device, print_freq=args.print_freq)
+        log_skipped_images(dataset_val, "validation")
+        if output_dir and utils.is_main_process():
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                          **{f"test_{k}": v for k, v in test_stats.items()},
                          "epoch": epoch, "n_parameters": n_parameters}
@@ -308,9 +358,17 @@ def run(argv=None):
     args = parser.parse_args(argv)
     try:
         return main(args)
+    except (NonFiniteLossError, DatasetNotFoundError, BadImageError) as err:
+        raise SystemExit(f"error: {plain_message(err)}") from None
     except (CheckpointError, BackboneWeightsError, OSError, ValueError) as err:
-        # problems of the input (options, files, data): one message, no traceback
-        raise SystemExit(f"error: {err}") from None
+        if not _run_state["started"]:
+            # problems of the input (options, files, data): one message, no traceback
+            raise SystemExit(f"error: {err}") from None
+        logger.error("the run failed", exc_info=True, extra={"file_only": True})
+        raise
+    except Exception:
+        logger.error("the run failed", exc_info=True, extra={"file_only": True})
+        raise
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
