@@ -216,7 +216,8 @@ def log_skipped_images(dataset, name):
     if counter is not None:
         count = sum(utils.all_gather(counter.value))
         if count:
-            logger.warning("%d unreadable %s images skipped so far (--skip_bad_images)", count, name)
+            logger.warning("%s images skipped so far as unreadable (--skip_bad_images): %d, "
+                           "counting each time one was due", name, count)
 
 
 def main(args):

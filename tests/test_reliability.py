@@ -1,9 +1,13 @@
 """Failure paths: fewer GPUs on resume, divergence, crashes in evaluation, bad data, and the
 checks that tell a broken model from a working one."""
+import os
+import zipfile
+
 import pytest
 import torch
 
 import main
+from tests.mini_coco import write_mini_coco
 from tests.test_main import TINY, run_cli, run_main
 from util.checkpoint import get_rng_states, load_checkpoint, set_rng_states
 
@@ -100,3 +104,83 @@ def test_resume_with_another_learning_rate_says_which_is_used(toy_root, tmp_path
     assert log.count("differs from the checkpoint's") == 1  # --lr_backbone was left as it was
     # and it is so: the optimizer runs at the checkpoint's rate
     assert load_checkpoint(out / "checkpoint.pth")["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data faults
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_image_is_named_or_skipped_in_a_folder(tmp_path, caplog):
+    from datasets.coco import BadImageError, CocoDetection
+    write_mini_coco(str(tmp_path), layout="folder", splits=("train2017",), num_random=0)
+    _truncate(tmp_path / "train2017" / "000005.png")
+    (tmp_path / "train2017" / "000003.png").write_bytes(b"not an image at all")
+    ds = CocoDetection(str(tmp_path), "train")
+    index = ds.ids.index(5)
+    with pytest.raises(BadImageError) as err:
+        ds[index]
+    assert f"cannot read image file {tmp_path / 'train2017' / '000005.png'} (image id 5)" in str(err.value)
+    assert "--skip_bad_images" in str(err.value)
+    with pytest.raises(BadImageError, match="000003.png"):
+        ds[ds.ids.index(3)]
+
+    skipping = CocoDetection(str(tmp_path), "train", skip_bad_images=True)
+    with caplog.at_level("WARNING"):
+        image, target = skipping[index]
+    assert target["image_id"].item() == 6 and image.size == (48, 48)  # the next readable image
+    assert skipping.skipped.value == 1 and "000005.png" in caplog.text
+    skipping[skipping.ids.index(3)]  # 3 is unreadable, so is 5 after it: 6 is read
+    assert skipping.skipped.value == 3
+
+
+def test_truncated_zip_member_is_named(tmp_path):
+    from datasets.coco import BadImageError, CocoDetection
+    info = write_mini_coco(str(tmp_path), layout="zip", splits=("val2017",), num_random=0)
+    archive = tmp_path / "val2017.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for file_name, data in info["files"].items():
+            zf.writestr(f"val2017/{file_name}", data[: len(data) // 2] if file_name == "000001.jpg" else data)
+    ds = CocoDetection(str(tmp_path), "val")
+    with pytest.raises(BadImageError) as err:
+        ds[ds.ids.index(1)]
+    assert f"cannot read member val2017/000001.jpg of {archive} (image id 1)" in str(err.value)
+
+
+def test_unreadable_image_in_a_run(tmp_path):
+    toy = tmp_path / "toy"
+    common = [*SMALL_TOY, "--toy_path", toy, *TINY, "--num_workers", "1", "--epochs", "1"]
+    from datasets.toy import generate_toy_coco
+    generate_toy_coco(toy, num_train=4, num_val=2)
+    bad = toy / "train2017" / sorted(os.listdir(toy / "train2017"))[1]
+    _truncate(bad)
+    # read in a DataLoader worker: the message is the worker's, without its traceback
+    with pytest.raises(SystemExit) as err:
+        run_main(*common, "--output_dir", tmp_path / "stopped")
+    message = str(err.value)
+    assert message.startswith(f"error: cannot read image file {bad}") and "Traceback" not in message
+    run_main(*common, "--output_dir", tmp_path / "skipped", "--skip_bad_images")
+    log = (tmp_path / "skipped" / "run.log").read_text()
+    # read twice: by the batch-norm calibration of the random backbone, then in the epoch
+    assert "training images skipped so far as unreadable (--skip_bad_images): 2," in log
+    assert log.count("skipped (--skip_bad_images): cannot read image file") == 2
+
+
+def test_box_faults_are_counted_once_and_handled_as_detr_does(tmp_path, caplog):
+    from datasets.coco import CocoDetection, count_box_faults, prepare_target
+    write_mini_coco(str(tmp_path), layout="folder", splits=("val2017",), num_random=0)
+    with caplog.at_level("INFO"):
+        ds = CocoDetection(str(tmp_path), "val")
+    # image 2 (40 x 56): two boxes reach outside it, one has zero width, one lies right of it
+    assert caplog.text.count("boxes reach outside") == 1
+    assert "2 boxes reach outside their image and are clipped to it, 2 have zero or negative size" in caplog.text
+    assert count_box_faults(ds.coco) == (2, 2)
+    # a negative width is dropped, as an empty box is; a box sticking out is clipped
+    annotations = [{"bbox": [10.0, 10.0, -4.0, 5.0], "category_id": 1},
+                   {"bbox": [30.0, 40.0, 20.0, 30.0], "category_id": 3}]
+    target = prepare_target((40, 56), 9, annotations)
+    assert target["labels"].tolist() == [3]
+    assert target["boxes"].tolist() == [[30.0, 40.0, 40.0, 56.0]]
