@@ -184,3 +184,52 @@ def test_box_faults_are_counted_once_and_handled_as_detr_does(tmp_path, caplog):
     target = prepare_target((40, 56), 9, annotations)
     assert target["labels"].tolist() == [3]
     assert target["boxes"].tolist() == [[30.0, 40.0, 40.0, 56.0]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluating a checkpoint uses its weights
+
+def test_eval_resume_scores_with_the_checkpoints_weights(tmp_path):
+    # One validation image with one annotated box. The checkpoint's heads predict exactly that box
+    # and class for every query (last layers: zero weights, biases set), so with its weights the
+    # AP is 1; the same file with every tensor's entries shuffled, or a run that ignored the
+    # loaded weights, scores near 0.
+    import json
+    from datasets.toy import generate_toy_coco
+    from models import build_model
+    root = tmp_path / "toy"
+    generate_toy_coco(root, num_train=1, num_val=1)
+    ann_file = root / "annotations" / "instances_val2017.json"
+    dataset = json.loads(ann_file.read_text())
+    dataset["annotations"] = dataset["annotations"][:1]
+    ann_file.write_text(json.dumps(dataset))
+    image, (ann,) = dataset["images"][0], dataset["annotations"]
+    x, y, w, h = ann["bbox"]
+    box = torch.tensor([(x + w / 2) / image["width"], (y + h / 2) / image["height"],
+                        w / image["width"], h / image["height"]], dtype=torch.float64)
+
+    argv = ["--dataset_file", "toy", "--toy_path", root, "--toy_num_train", "1", "--toy_num_val", "1",
+            *TINY, "--enc_rpe2d", "rpe-2.0-product-ctx-1-k"]
+    args = main.get_args_parser().parse_args([str(a) for a in argv])
+    torch.manual_seed(0)
+    model, _, _ = build_model(args)
+    with torch.no_grad():
+        model.class_embed.weight.zero_()
+        model.class_embed.bias.fill_(-10.0)
+        model.class_embed.bias[ann["category_id"]] = 10.0
+        last = model.bbox_embed.layers[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.logit(box).float())
+    good = tmp_path / "good.pth"
+    torch.save({"model": model.state_dict(), "args": args}, good)
+    g = torch.Generator().manual_seed(0)
+    shuffled = {k: v.flatten()[torch.randperm(v.numel(), generator=g)].view_as(v)
+                for k, v in model.state_dict().items()}
+    torch.save({"model": shuffled, "args": args}, tmp_path / "shuffled.pth")
+
+    def ap(checkpoint):
+        stats = run_main(*argv, "--eval", "--resume", checkpoint, "--output_dir", tmp_path / checkpoint.stem)
+        return stats["coco_eval_bbox"][0]
+
+    assert ap(good) == pytest.approx(1.0)
+    assert ap(tmp_path / "shuffled.pth") < 0.1
