@@ -361,13 +361,12 @@ def run(argv=None):
         return main(args)
     except (NonFiniteLossError, DatasetNotFoundError, BadImageError) as err:
         raise SystemExit(f"error: {plain_message(err)}") from None
-    except (CheckpointError, BackboneWeightsError, OSError, ValueError) as err:
-        if not _run_state["started"]:
+    except Exception as err:
+        input_error = isinstance(err, (CheckpointError, BackboneWeightsError, OSError, ValueError))
+        if input_error and not _run_state["started"]:
             # problems of the input (options, files, data): one message, no traceback
             raise SystemExit(f"error: {err}") from None
-        logger.error("the run failed", exc_info=True, extra={"file_only": True})
-        raise
-    except Exception:
+        # a failure of the run itself: Python prints the traceback, run.log keeps it
         logger.error("the run failed", exc_info=True, extra={"file_only": True})
         raise
     finally:

@@ -270,13 +270,14 @@ class CocoDetection(torch.utils.data.Dataset):
         Raises BadImageError naming the file (or zip member) when it cannot be decoded.
         """
         file_name = self.coco.imgs[image_id]["file_name"]
-        with self.images.open_bytes(file_name) as f:
-            try:
-                with Image.open(f) as img:
-                    return img.convert("RGB")  # decodes all of it: a truncated file fails here
-            except (OSError, SyntaxError, ValueError, zipfile.BadZipFile) as err:
-                what = f"{self.images.describe(file_name)} (image id {image_id}): {err}"
-                raise BadImageError(f"cannot read {what}; replace the file, or {SKIP_HELP}") from err
+        try:
+            with self.images.open_bytes(file_name) as f, Image.open(f) as img:
+                return img.convert("RGB")  # decodes all of it: a truncated file fails here
+        except DatasetNotFoundError:
+            raise
+        except (OSError, SyntaxError, ValueError, zipfile.BadZipFile) as err:  # BadZipFile: bad CRC
+            what = f"{self.images.describe(file_name)} (image id {image_id}): {err}"
+            raise BadImageError(f"cannot read {what}; replace the file, or {SKIP_HELP}") from err
 
     def load_target(self, image_id, image_size):
         annotations = self.coco.imgToAnns.get(image_id, [])
