@@ -92,11 +92,11 @@ def test_bucket_ids_skip_tokens_use_the_extra_bucket():
 
 
 def test_bucket_ids_are_cached_per_size():
-    a = irpe.cached_bucket_ids("product", 2.0, 7, 9, 0, torch.device("cpu"))
-    b = irpe.cached_bucket_ids("product", 2.0, 7, 9, 0, "cpu")
-    c = irpe.cached_bucket_ids("product", 2.0, 9, 7, 0, torch.device("cpu"))
+    a = irpe.bucket_ids("product", 2.0, 7, 9, 0, torch.device("cpu"))
+    b = irpe.bucket_ids("product", 2.0, 7, 9, 0, "cpu")
+    c = irpe.bucket_ids("product", 2.0, 9, 7, 0, torch.device("cpu"))
     assert a is b and a.dtype == torch.int32
-    assert torch.equal(a, bucket_ids("product", 2.0, 7, 9))
+    assert torch.equal(a, irpe.compute_bucket_ids("product", 2.0, 7, 9))
     assert a is not c and a.shape == c.shape and not torch.equal(a, c)
 
 
@@ -107,7 +107,7 @@ def test_bucket_id_cache_is_bounded_in_bytes_per_device():
     assert cache.max_bytes <= 64 * 2 ** 20
     sizes = [(h, w) for h in (24, 25) for w in range(30, 43)]  # large COCO maps, stride 32
     for h, w in sizes:
-        ids = irpe.cached_bucket_ids("product", 2.0, h, w, 0, "cpu")
+        ids = irpe.bucket_ids("product", 2.0, h, w, 0, "cpu")
         assert ids.dtype == torch.int32 and ids.shape == (h * w, h * w)
         assert cache.bytes_on("cpu") <= cache.max_bytes
     assert cache.bytes_on("cpu") > cache.max_bytes // 2  # it does keep tables
