@@ -159,7 +159,8 @@ def _rpe_index_setup_context(ctx, inputs, output):
 _ATOMIC_BUCKET_SUM_DEVICES = ("cuda",)
 
 
-def bucket_sum_implementation(device) -> str:
+@torch.jit.unused  # eager and traced only: scripted code keeps the operator
+def bucket_sum_implementation(device: torch.device) -> str:
     """Which bucket sum runs for tensors on `device`: "scatter_add" when PyTorch's deterministic
     mode is on (torch.use_deterministic_algorithms(True)) and the kernel there adds with atomics,
     else "operator" (torch.ops.rpe_ops.rpe_index_backward)."""
