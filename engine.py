@@ -9,7 +9,28 @@ from datasets.panoptic_eval import PanopticEvaluator, format_table
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a loss that is inf or nan."""
+    """Training produced a loss (or predictions) that is inf or nan."""
+
+
+def _non_finite_message(loss, epoch, iteration, detail):
+    return (f"the loss is {loss} at epoch {epoch}, iteration {iteration}; {detail}. Training "
+            f"stopped; the last checkpoint was left as it was. Try a lower --lr or "
+            f"--clip_max_norm > 0, and resume from the last checkpoint.")
+
+
+def predictions_are_finite(outputs):
+    """Whether every prediction (aux outputs included) is finite, on every process.
+
+    Checked before the loss: the Hungarian matcher (scipy) fails on non-finite costs with an
+    error that says nothing of divergence. Every process takes the same decision, so that none
+    is left waiting for the others.
+    """
+    layers = [outputs, *outputs.get("aux_outputs", [])]
+    finite = torch.stack([torch.isfinite(layer[k]).all() for layer in layers
+                          for k in ("pred_logits", "pred_boxes")]).all().float()
+    if utils.is_dist_avail_and_initialized():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0.0,
@@ -17,7 +38,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     """Train for one pass over `data_loader`; returns the epoch's averaged statistics.
 
     Losses are reduced over processes for logging. Gradients are clipped to `max_norm` (if > 0).
-    A non-finite loss raises NonFiniteLossError before the optimizer steps.
+    Non-finite predictions (before the matcher) or a non-finite loss raise NonFiniteLossError
+    before the optimizer steps, on every process alike.
     """
     model.train()
     criterion.train()
@@ -31,6 +53,9 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
 
         outputs = model(samples)
+        if not predictions_are_finite(outputs):
+            raise NonFiniteLossError(_non_finite_message(
+                "nan", epoch, iteration, "the model's predictions are not finite (it diverged)"))
         loss_dict = criterion(outputs, targets)
         weight_dict = criterion.weight_dict
         losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
@@ -41,11 +66,9 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         scaled = {k: v * weight_dict[k] for k, v in loss_dict_reduced.items() if k in weight_dict}
         loss_value = sum(scaled.values()).item()
         if not math.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"the loss is {loss_value} at epoch {epoch}, iteration {iteration}; "
-                f"the losses were { {k: round(v.item(), 4) for k, v in loss_dict_reduced.items()} }. "
-                f"Training stopped; the last checkpoint was left as it was. Try a lower --lr or "
-                f"--clip_max_norm > 0, and resume from the last checkpoint.")
+            raise NonFiniteLossError(_non_finite_message(
+                loss_value, epoch, iteration,
+                f"the losses were { {k: round(v.item(), 4) for k, v in loss_dict_reduced.items()} }"))
 
         optimizer.zero_grad()
         losses.backward()
@@ -86,6 +109,10 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
         samples = samples.to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
         outputs = model(samples)
+        if not predictions_are_finite(outputs):
+            raise NonFiniteLossError("the model's predictions are not finite in evaluation: its "
+                                     "weights are broken (a diverged run?); evaluate another "
+                                     "checkpoint")
         loss_dict = criterion(outputs, targets)
         weight_dict = criterion.weight_dict
 

@@ -9,6 +9,7 @@ import argparse
 import datetime
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import util.misc as utils
 from datasets import build_dataset, get_coco_api_from_dataset
+from datasets.coco import BadImageError, DatasetNotFoundError
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from models import build_model
 from models.backbone import BackboneWeightsError, calibrate_frozen_batchnorm
@@ -32,6 +34,16 @@ from util.interrupt import Interrupted, stop_signals_raise
 from util.visualize import write_run_pictures
 
 logger = logging.getLogger("detr")
+# whether main() got past reading its input: tells input errors from failures of the run
+_run_state = {"started": False}
+
+
+def plain_message(err):
+    """The message of an error, without the traceback text a DataLoader worker wraps it in."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(f"{type(err).__name__}: ", 1)[-1]
+    return text
 
 
 def _rpe_setting(text):
@@ -117,6 +129,11 @@ def get_args_parser():
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--print_freq", default=10, type=int, help="iterations between log lines")
 
+    # Failures
+    parser.add_argument("--skip_bad_images", action="store_true",
+                        help="skip images that cannot be read (counted in the log) instead of "
+                             "stopping with a message naming the file")
+
     # Pictures at the end of a run
     parser.add_argument("--vis_images", default=8, type=int,
                         help="validation images drawn with their predictions into "
@@ -164,9 +181,14 @@ def init_distributed_mode(args):
 
 
 def setup_logging(output_dir):
-    """Log INFO on the main process (console and OUTPUT_DIR/run.log); errors only elsewhere."""
+    """Log INFO on the main process (console and OUTPUT_DIR/run.log); errors only elsewhere.
+
+    Records with extra={"file_only": True} (a failure's traceback, which Python prints to the
+    console anyway) go to run.log only.
+    """
     level = logging.INFO if utils.is_main_process() else logging.ERROR
     handlers = [logging.StreamHandler(sys.stdout)]
+    handlers[0].addFilter(lambda record: not getattr(record, "file_only", False))
     if output_dir and utils.is_main_process():
         handlers.append(logging.FileHandler(Path(output_dir) / "run.log"))
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
@@ -254,6 +276,26 @@ def save_panoptic_eval(stats, path):
         os.replace(tmp, path)
 
 
+def log_resumed_learning_rates(args, base_lrs):
+    """Say once which learning rates a resumed run uses when the options ask for others."""
+    for option, given, resumed in (("--lr", args.lr, base_lrs[0]), ("--lr_backbone", args.lr_backbone,
+                                                                    base_lrs[1])):
+        if not math.isclose(given, resumed, rel_tol=1e-9, abs_tol=0.0):
+            logger.warning("%s %g differs from the checkpoint's %g: the checkpoint's is used (its "
+                           "optimizer and schedule are resumed, as DETR does); to train with %g, "
+                           "start from the weights of a model-only copy of the checkpoint",
+                           option, given, resumed, given)
+
+
+def log_skipped_images(dataset, name):
+    """With --skip_bad_images: how many unreadable images were skipped so far, over all processes."""
+    counter = getattr(dataset, "skipped", None)
+    if counter is not None:
+        count = sum(utils.all_gather(counter.value))
+        if count:
+            logger.warning("%s images skipped so far as unreadable (--skip_bad_images): %d, "
+                           "counting each time one was due", name, count)
+
 def write_pictures(args, output_dir, model, postprocessors, dataset, coco_api, device, curves):
     """The end-of-run pictures (util.visualize.write_run_pictures); a failure is logged, not raised:
     the run's results are saved by then."""
@@ -268,6 +310,7 @@ def write_pictures(args, output_dir, model, postprocessors, dataset, coco_api, d
 
 
 def main(args):
+    _run_state["started"] = False
     init_distributed_mode(args)
     if args.output_dir and utils.is_main_process():
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -344,11 +387,12 @@ def main(args):
     output_dir = Path(args.output_dir) if args.output_dir else None
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
-        check_compatible(model_without_ddp, checkpoint, args)
+        check_compatible(model_without_ddp, checkpoint, args, name=args.resume)
         model_without_ddp.load_state_dict(checkpoint["model"], strict=True)
         if not args.eval and all(k in checkpoint for k in ("optimizer", "lr_scheduler", "epoch")):
             optimizer.load_state_dict(checkpoint["optimizer"])
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            log_resumed_learning_rates(args, lr_scheduler.base_lrs)
             args.start_epoch = checkpoint["epoch"] + 1
             rng = checkpoint.get("rng_states")
             if rng is not None and len(rng) == utils.get_world_size():
@@ -358,9 +402,11 @@ def main(args):
                                "states are not restored", len(rng), utils.get_world_size())
         logger.info("resumed from %s (epoch %s)", args.resume, checkpoint.get("epoch", "-"))
 
+    _run_state["started"] = True  # from here on, an error is a failure of the run, not of its input
     if args.eval:
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val,
                                               base_ds, device, print_freq=args.print_freq)
+        log_skipped_images(dataset_val, "validation")
         if output_dir and utils.is_main_process():
             save_atomic(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
             save_panoptic_eval(test_stats, output_dir / "panoptic_eval.json")
@@ -381,9 +427,9 @@ def main(args):
         except NonFiniteLossError as err:
             raise SystemExit(str(err)) from None
         lr_scheduler.step()
-        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val,
-                                              base_ds, device, print_freq=args.print_freq)
-        # saved after evaluation, so the random states are those the next epoch starts from
+        log_skipped_images(dataset_train, "training")
+        # saved before evaluation, so a failure there does not lose the epoch's training (the
+        # evaluation draws nothing from the random states saved)
         rng_states = utils.all_gather(get_rng_states(*generators))
         if output_dir and utils.is_main_process():
             checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
@@ -392,6 +438,10 @@ def main(args):
             save_atomic(checkpoint, output_dir / "checkpoint.pth")
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
                 save_atomic(checkpoint, output_dir / f"checkpoint{epoch:04}.pth")
+        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val,
+                                              base_ds, device, print_freq=args.print_freq)
+        log_skipped_images(dataset_val, "validation")
+        if output_dir and utils.is_main_process():
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                          **{f"test_{k}": v for k, v in test_stats.items() if k != "PQ_per_class"},
                          "epoch": epoch, "n_parameters": n_parameters}
@@ -427,9 +477,16 @@ def run_parsed(args):
         if utils.is_main_process():
             logger.error("%s", interruption_message(stop, args, started))
         raise SystemExit(128 + stop.signum) from None
-    except (CheckpointError, BackboneWeightsError, OSError, ValueError) as err:
-        # problems of the input (options, files, data): one message, no traceback
-        raise SystemExit(f"error: {err}") from None
+    except (NonFiniteLossError, DatasetNotFoundError, BadImageError) as err:
+        raise SystemExit(f"error: {plain_message(err)}") from None
+    except Exception as err:
+        input_error = isinstance(err, (CheckpointError, BackboneWeightsError, OSError, ValueError))
+        if input_error and not _run_state["started"]:
+            # problems of the input (options, files, data): one message, no traceback
+            raise SystemExit(f"error: {err}") from None
+        # a failure of the run itself: Python prints the traceback, run.log keeps it
+        logger.error("the run failed", exc_info=True, extra={"file_only": True})
+        raise
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -12,6 +12,8 @@ An image folder is preferred over the zip when both exist.
 import contextlib
 import io
 import json
+import logging
+import multiprocessing
 import os
 import zipfile
 
@@ -21,6 +23,8 @@ from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 
 from datasets import transforms as T
+
+logger = logging.getLogger(__name__)
 
 SPLITS = {"train": "train2017", "val": "val2017"}
 
@@ -33,6 +37,13 @@ LAYOUT_HELP = (
 
 class DatasetNotFoundError(FileNotFoundError):
     """Data missing or not laid out as expected; the message names the path and the layout."""
+
+
+class BadImageError(RuntimeError):
+    """An image that cannot be read or decoded (truncated, corrupt, not an image)."""
+
+
+SKIP_HELP = "pass --skip_bad_images to train and evaluate without such images"
 
 
 def fill_annotation_defaults(coco):
@@ -70,6 +81,9 @@ class FolderImages:
             raise DatasetNotFoundError(f"image file {path} is missing; {LAYOUT_HELP}")
         return open(path, "rb")
 
+    def describe(self, file_name):
+        return f"image file {os.path.join(self.folder, file_name)}"
+
     def __repr__(self):
         return f"{type(self).__name__}({self.folder!r})"
 
@@ -96,6 +110,9 @@ class ZipImages:
 
     def member(self, file_name):
         return f"{self.prefix}/{file_name}"
+
+    def describe(self, file_name):
+        return f"member {self.member(file_name)} of {self.zip_path}"
 
     def missing_members(self, file_names):
         """The file names among `file_names` that have no member in the archive."""
@@ -168,6 +185,28 @@ def segmentation_mask(segmentation, height, width, image_id=None):
     return torch.from_numpy(mask.reshape(height, width) > 0)
 
 
+def count_box_faults(coco):
+    """(boxes reaching outside their image, boxes of zero or negative size) among the non-crowd
+    annotations of a pycocotools COCO object, by the image sizes its json gives.
+
+    prepare_target clips the first and drops the second, as DETR does.
+    """
+    outside = empty = 0
+    for ann in coco.anns.values():
+        image = coco.imgs.get(ann.get("image_id"), {})
+        if ann.get("iscrowd", 0) or "bbox" not in ann:
+            continue
+        x, y, bw, bh = ann["bbox"]
+        width, height = image.get("width", float("inf")), image.get("height", float("inf"))
+        x0, y0 = min(max(x, 0), width), min(max(y, 0), height)
+        x1, y1 = min(max(x + bw, 0), width), min(max(y + bh, 0), height)
+        if not (x1 > x0 and y1 > y0):
+            empty += 1
+        elif (x0, y0, x1, y1) != (x, y, x + bw, y + bh):
+            outside += 1
+    return outside, empty
+
+
 def prepare_target(image_size, image_id, annotations, return_masks=False):
     """DETR target for one image from its COCO annotations.
 
@@ -219,9 +258,12 @@ class CocoDetection(torch.utils.data.Dataset):
     `root` follows the layout in the module docstring; `split` is 'train' or 'val'. `transforms`
     is called as transforms(pil_image, target). The pycocotools COCO object is `self.coco`.
     `return_masks` adds the instance masks (see prepare_target).
+    An image that cannot be read raises BadImageError naming it; with `skip_bad_images` it is
+    skipped instead (the next readable image takes its place) and counted in `self.skipped`.
     """
 
-    def __init__(self, root, split, transforms=None, return_masks=False):
+    def __init__(self, root, split, transforms=None, return_masks=False,
+                 skip_bad_images=False):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: expected one of {sorted(SPLITS)}")
         if not root:
@@ -243,6 +285,13 @@ class CocoDetection(torch.utils.data.Dataset):
         self.ids = sorted(self.coco.imgs.keys())
         self.transforms = transforms
         self.return_masks = return_masks
+        # images skipped by this process and its DataLoader workers (shared memory)
+        self.skipped = multiprocessing.Value("i", 0) if skip_bad_images else None
+        outside, empty = count_box_faults(self.coco)
+        if outside or empty:
+            logger.info("%s: %d boxes reach outside their image and are clipped to it, %d have zero "
+                        "or negative size (or lie outside the image) and are dropped",
+                        annotation_file, outside, empty)
         if isinstance(self.images, ZipImages):
             missing = self.images.missing_members([self.coco.imgs[i]["file_name"] for i in self.ids])
             if missing:
@@ -255,18 +304,40 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.ids)
 
     def load_image(self, image_id):
-        """The image as an RGB PIL image (grayscale and palette images are converted)."""
+        """The image as an RGB PIL image (grayscale and palette images are converted).
+
+        Raises BadImageError naming the file (or zip member) when it cannot be decoded.
+        """
         file_name = self.coco.imgs[image_id]["file_name"]
-        with self.images.open_bytes(file_name) as f, Image.open(f) as img:
-            return img.convert("RGB")
+        try:
+            with self.images.open_bytes(file_name) as f, Image.open(f) as img:
+                return img.convert("RGB")  # decodes all of it: a truncated file fails here
+        except DatasetNotFoundError:
+            raise
+        except (OSError, SyntaxError, ValueError, zipfile.BadZipFile) as err:  # BadZipFile: bad CRC
+            what = f"{self.images.describe(file_name)} (image id {image_id}): {err}"
+            raise BadImageError(f"cannot read {what}; replace the file, or {SKIP_HELP}") from err
 
     def load_target(self, image_id, image_size):
         annotations = self.coco.imgToAnns.get(image_id, [])
         return prepare_target(image_size, image_id, annotations, self.return_masks)
 
+    def _load_readable(self, index):
+        """(image_id, image) of `index`, or with skipping on, of the next readable image."""
+        for attempt in range(len(self.ids)):
+            image_id = self.ids[(index + attempt) % len(self.ids)]
+            try:
+                return image_id, self.load_image(image_id)
+            except (BadImageError, DatasetNotFoundError) as err:
+                if self.skipped is None:
+                    raise
+                with self.skipped.get_lock():
+                    self.skipped.value += 1
+                logger.warning("skipped (--skip_bad_images): %s", str(err).split("; ")[0])
+        raise BadImageError(f"no image of {self.annotation_file} can be read")
+
     def __getitem__(self, index):
-        image_id = self.ids[index]
-        image = self.load_image(image_id)
+        image_id, image = self._load_readable(index)
         target = self.load_target(image_id, image.size)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
@@ -291,4 +362,5 @@ def build(image_set, args):
         raise DatasetNotFoundError(
             f"--dataset_file coco needs --coco_path pointing to the COCO 2017 data; {LAYOUT_HELP}")
     return CocoDetection(root, image_set, transforms=T.make_coco_transforms(image_set),
-                         return_masks=getattr(args, "masks", False))
+                         return_masks=getattr(args, "masks", False),
+                         skip_bad_images=getattr(args, "skip_bad_images", False))

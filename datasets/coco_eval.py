@@ -93,8 +93,8 @@ def _empty_coco():
 class CocoEvaluator:
     """Box AP of predictions against the ground truth `coco_gt` (a pycocotools COCO).
 
-    Annotations of `coco_gt` lacking 'iscrowd' or 'area' get the defaults of
-    `datasets.coco.fill_annotation_defaults` (in place), which COCOeval needs.
+    `coco_gt` itself is left unchanged: the evaluator works on a deep copy, whose annotations
+    lacking 'iscrowd' or 'area' get the defaults of `datasets.coco.fill_annotation_defaults`.
     """
 
     def __init__(self, coco_gt, iou_types=("bbox",)):
@@ -103,7 +103,10 @@ class CocoEvaluator:
         if unsupported:
             raise ValueError(f"unsupported IoU type(s) {unsupported}: this evaluator supports "
                              f"{list(SUPPORTED_IOU_TYPES)}")
-        self.coco_gt = fill_annotation_defaults(coco_gt)
+        # COCOeval writes into the ground truth ('ignore' on every annotation): work on a copy,
+        # so the data set's own COCO object stays as it was read
+        coco_gt = fill_annotation_defaults(copy.deepcopy(coco_gt))
+        self.coco_gt = coco_gt
         if "segm" in iou_types:
             unmasked = [a["id"] for a in coco_gt.anns.values() if "segmentation" not in a]
             if unmasked:

@@ -75,6 +75,7 @@ class CocoPanoptic(CocoDetection):
         self.return_masks = return_masks
         self.instances_file = instances_file
         self._coco = None
+        self.skipped = None  # CocoDetection's item reading: unreadable images are not skipped
 
     def __len__(self):
         return len(self.ids)

@@ -281,4 +281,5 @@ def build(image_set, args):
     num_train = getattr(args, "toy_num_train", None) or NUM_TRAIN
     num_val = getattr(args, "toy_num_val", None) or NUM_VAL
     generate_toy_coco(root, num_train=num_train, num_val=num_val)
-    return CocoDetection(root, image_set, transforms=make_toy_transforms(image_set))
+    return CocoDetection(root, image_set, transforms=make_toy_transforms(image_set),
+                         skip_bad_images=getattr(args, "skip_bad_images", False))

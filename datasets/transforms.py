@@ -49,13 +49,14 @@ def get_size_with_aspect_ratio(image_size, size, max_size=None):
     """Output (h, w) for resizing an image of `image_size` = (w, h) to short side `size`.
 
     When the long side would then exceed `max_size`, the short side is reduced to
-    round(max_size * short / long) instead. An image whose short side already equals the target
-    keeps its size; otherwise the long side becomes int(size * long / short) (truncated).
+    round(max_size * short / long) instead, at least 1. An image whose short side already equals
+    the target keeps its size; otherwise the long side becomes int(size * long / short) (truncated).
     """
     w, h = image_size
     short, long = float(min(w, h)), float(max(w, h))
     if max_size is not None and long / short * size > max_size:
-        size = int(round(max_size * short / long))
+        # at least one pixel: a very thin image (1 x 3000, say) would otherwise round to 0
+        size = max(1, int(round(max_size * short / long)))
     if min(w, h) == size:
         return h, w
     if w < h:

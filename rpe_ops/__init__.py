@@ -23,6 +23,10 @@ They run on the compiled extension (rpe_ops._C: CPU and, when built with a
 CUDA toolkit, CUDA kernels) if it can be loaded, and otherwise on a
 pure-PyTorch fallback (torch.gather / scatter_add) with a one-time warning.
 
+Under torch.use_deterministic_algorithms(True), the bucket sum of CUDA tensors
+(the CUDA kernel adds with atomics) runs as scatter_add, which PyTorch then
+computes deterministically; results agree up to float rounding.
+
 Environment variables (read when rpe_ops is imported, except the last):
     RPE_OPS_FALLBACK=1     use the fallback even if the extension is built
     RPE_OPS_CHECK_INDEX=1  validate index values on CUDA too (costs a device
@@ -38,7 +42,8 @@ import torch
 
 from . import _fallback
 
-__all__ = ["rpe_index", "rpe_index_backward", "backend", "EXTENSION_AVAILABLE", "EXTENSION_PATH"]
+__all__ = ["rpe_index", "rpe_index_backward", "backend", "bucket_sum_implementation",
+           "EXTENSION_AVAILABLE", "EXTENSION_PATH"]
 
 _BUILD_COMMANDS = ("`pip install --no-build-isolation ./rpe_ops` or "
                    "`cd rpe_ops && python setup.py build_ext --inplace` (from the repository root)")
@@ -149,9 +154,32 @@ def _rpe_index_setup_context(ctx, inputs, output):
     ctx.num_buckets = input.shape[-1]
 
 
+# Devices whose compiled bucket sum adds with atomics, so that the order of the additions (and
+# the float rounding) varies from run to run.
+_ATOMIC_BUCKET_SUM_DEVICES = ("cuda",)
+
+
+@torch.jit.unused  # eager and traced only: scripted code keeps the operator
+def bucket_sum_implementation(device: torch.device) -> str:
+    """Which bucket sum runs for tensors on `device`: "scatter_add" when PyTorch's deterministic
+    mode is on (torch.use_deterministic_algorithms(True)) and the kernel there adds with atomics,
+    else "operator" (torch.ops.rpe_ops.rpe_index_backward)."""
+    if torch.device(device).type in _ATOMIC_BUCKET_SUM_DEVICES and torch.are_deterministic_algorithms_enabled():
+        return "scatter_add"
+    return "operator"
+
+
+def _bucket_sum(grad_output, index, num_buckets):
+    # scatter_add_ has a deterministic CUDA implementation that PyTorch selects in deterministic
+    # mode; it gives the same sums up to float rounding
+    if bucket_sum_implementation(grad_output.device) == "scatter_add":
+        return _fallback.rpe_index_backward(grad_output, index, num_buckets)
+    return torch.ops.rpe_ops.rpe_index_backward(grad_output, index, num_buckets)
+
+
 def _rpe_index_grad(ctx, grad):
     (index,) = ctx.saved_tensors
-    return torch.ops.rpe_ops.rpe_index_backward(grad, index, ctx.num_buckets), None
+    return _bucket_sum(grad, index, ctx.num_buckets), None
 
 
 def _rpe_index_backward_setup_context(ctx, inputs, output):
@@ -206,10 +234,14 @@ def rpe_index_backward(grad_output: torch.Tensor, index: torch.Tensor, num_bucke
     Returns:
         A contiguous (B, H, Lq, num_buckets) tensor of grad_output's dtype
         (float16 / bfloat16 are accumulated in float32).  Differentiable with
-        respect to grad_output (the gradient is rpe_index).
+        respect to grad_output (the gradient is rpe_index).  Under
+        torch.use_deterministic_algorithms(True), CUDA tensors take a deterministic
+        formulation (see bucket_sum_implementation).
     """
     if not torch.jit.is_scripting() and _exporting():
         return _fallback.bucket_sum(grad_output, index, num_buckets)
+    if not torch.jit.is_scripting() and bucket_sum_implementation(grad_output.device) == "scatter_add":
+        return _fallback.rpe_index_backward(grad_output, index, num_buckets)
     return torch.ops.rpe_ops.rpe_index_backward(grad_output, index, num_buckets)
 
 

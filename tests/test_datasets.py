@@ -1,11 +1,14 @@
 """Tests of the data sets, transforms and COCO evaluation in `datasets/`."""
 import argparse
 import contextlib
+import copy
 import io
 import json
+import math
 import os
 import pickle
 import random
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -27,13 +30,14 @@ from util.box_ops import box_cxcywh_to_xyxy
 
 
 def expected_resize(w, h, size, max_size):
-    """(h, w) after resizing to short side `size`, following the written rule of the spec."""
-    short, long = min(w, h), max(w, h)
-    if max_size is not None and long / short * size > max_size:
-        size = int(round(max_size * short / long))
+    """(h, w) after resizing to short side `size`: SPEC.md's "Resize size" rule in exact rational
+    arithmetic (the code under test works in floats), with a side of at least one pixel."""
+    short, long = Fraction(min(w, h)), Fraction(max(w, h))
+    if max_size is not None and long * size > max_size * short:
+        size = max(1, round(max_size * short / long))  # Fraction rounds half to even, exactly
     if short == size:
         return h, w
-    new_long = int(size * long / short)
+    new_long = math.floor(long * size / short)
     return (new_long, size) if w < h else (size, new_long)
 
 
@@ -326,6 +330,16 @@ def test_resize_rule_many_sizes():
                         expected_resize(w, h, size, max_size), (w, h, size, max_size)
                     checked += 1
     assert checked > 10000
+
+
+def test_resize_never_gives_an_empty_side():
+    # a 1 x 3000 image under DETR's cap: round(1333 / 3000) = 0 without the one-pixel floor
+    for w, h in [(1, 3000), (3000, 1), (1, 2001), (2, 6000), (1, 1)]:
+        for size in (480, 800):
+            new_h, new_w = T.get_size_with_aspect_ratio((w, h), size, 1333)
+            assert min(new_h, new_w) >= 1 and (new_h, new_w) == expected_resize(w, h, size, 1333)
+    image, target = T.resize(Image.new("RGB", (3000, 1)), None, 800, 1333)
+    assert min(image.size) >= 1
 
 
 def test_resize_image_and_boxes():
@@ -778,3 +792,14 @@ def test_toy_transforms():
         flipped = torch.stack([100 - target["boxes"][:, 2], target["boxes"][:, 1],
                                100 - target["boxes"][:, 0], target["boxes"][:, 3]], dim=1)
         assert torch.allclose(xyxy, target["boxes"], atol=1e-4) or torch.allclose(xyxy, flipped, atol=1e-4)
+
+
+def test_evaluation_leaves_the_data_sets_coco_object_unchanged(mini_folder):
+    ds = CocoDetection(mini_folder["root"], "val")
+    coco = datasets.get_coco_api_from_dataset(ds)
+    before = copy.deepcopy(coco.dataset), copy.deepcopy(coco.anns)
+    predictions = {image_id: {"boxes": torch.tensor([[1.0, 2.0, 20.0, 30.0]]),
+                              "labels": torch.tensor([1]), "scores": torch.tensor([0.9])}
+                   for image_id in ds.ids}
+    evaluate(coco, [predictions])
+    assert (coco.dataset, coco.anns) == before

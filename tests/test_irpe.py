@@ -92,11 +92,48 @@ def test_bucket_ids_skip_tokens_use_the_extra_bucket():
 
 
 def test_bucket_ids_are_cached_per_size():
-    a = bucket_ids("product", 2.0, 7, 9, 0, torch.device("cpu"))
-    b = bucket_ids("product", 2.0, 7, 9, 0, torch.device("cpu"))
-    c = bucket_ids("product", 2.0, 9, 7, 0, torch.device("cpu"))
-    assert a is b
+    a = irpe.bucket_ids("product", 2.0, 7, 9, 0, torch.device("cpu"))
+    b = irpe.bucket_ids("product", 2.0, 7, 9, 0, "cpu")
+    c = irpe.bucket_ids("product", 2.0, 9, 7, 0, torch.device("cpu"))
+    assert a is b and a.dtype == torch.int32
+    assert torch.equal(a, irpe.compute_bucket_ids("product", 2.0, 7, 9))
     assert a is not c and a.shape == c.shape and not torch.equal(a, c)
+
+
+def test_bucket_id_cache_is_bounded_in_bytes_per_device():
+    # multi-scale training meets hundreds of map sizes: the tables kept stay within the budget
+    cache = irpe.BUCKET_ID_CACHE
+    cache.clear()
+    assert cache.max_bytes <= 64 * 2 ** 20
+    sizes = [(h, w) for h in (24, 25) for w in range(30, 43)]  # large COCO maps, stride 32
+    for h, w in sizes:
+        ids = irpe.bucket_ids("product", 2.0, h, w, 0, "cpu")
+        assert ids.dtype == torch.int32 and ids.shape == (h * w, h * w)
+        assert cache.bytes_on("cpu") <= cache.max_bytes
+    assert cache.bytes_on("cpu") > cache.max_bytes // 2  # it does keep tables
+    assert sum(v.numel() * v.element_size() for _, v in cache._entries.values()) == cache.bytes_on("cpu")
+    cache.clear()
+
+
+def test_device_bounded_cache_evicts_least_recently_used_per_device():
+    from models.rpe_attention.id_cache import DeviceBoundedCache
+    cache = DeviceBoundedCache(max_bytes=100)  # 25 int32 values per device
+    made = []
+
+    def make(n, device):
+        made.append((n, device))
+        return torch.zeros(n, dtype=torch.int32, device=device)
+
+    for key in ("a", "b"):
+        cache.get((key, "cpu"), "cpu", lambda: make(10, "cpu"))
+    cache.get(("m", "meta"), "meta", lambda: make(20, "meta"))  # another device's budget
+    cache.get(("a", "cpu"), "cpu", lambda: make(10, "cpu"))      # hit; "a" becomes the newest
+    cache.get(("c", "cpu"), "cpu", lambda: make(10, "cpu"))      # 120 bytes: "b" goes
+    assert cache.bytes_on("cpu") == 80 and cache.bytes_on("meta") == 80
+    assert set(cache._entries) == {("a", "cpu"), ("c", "cpu"), ("m", "meta")}
+    big = cache.get(("big", "cpu"), "cpu", lambda: make(30, "cpu"))  # over the whole budget
+    assert big.numel() == 30 and ("big", "cpu") not in cache._entries
+    assert made == [(10, "cpu"), (10, "cpu"), (20, "meta"), (10, "cpu"), (30, "cpu")]
 
 
 @pytest.mark.parametrize("ratio,expected", [(1.9, 49), (2.0, 81), (2.5, 121), (3.0, 169)])
@@ -199,8 +236,12 @@ def test_without_rpe_equals_nn_multihead_attention(batch_first):
         torch.testing.assert_close(a_w, b_w, rtol=1e-5, atol=1e-6)
 
 
-def _slow_rpe_attention(layer, query, key, value, hw, key_padding_mask=None):
-    """Independent formulation: each table is gathered to full (.., L, L) size, then contracted."""
+def _slow_rpe_attention(layer, query, key, value, hw, key_padding_mask=None, keep=None):
+    """Independent formulation: each table is gathered to full (.., L, L) size, then contracted.
+
+    `keep` (N, H, L, S) bool: the dropout mask of training mode, applied to the attention weights
+    (scaled by 1 / (1 - p)) before they meet v and the v-encoding, as SPEC.md orders it.
+    """
     length, batch, embed_dim = query.shape
     heads = layer.num_heads
     d = embed_dim // heads
@@ -237,6 +278,8 @@ def _slow_rpe_attention(layer, query, key, value, hw, key_padding_mask=None):
     if key_padding_mask is not None:
         logits = logits.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
     attn = logits.softmax(-1)
+    if keep is not None:
+        attn = attn * keep / (1 - layer.dropout)
     out = torch.einsum("nhij,nhjd->nhid", attn, v)
     if layer.rpe_v is not None:
         out = out + term(layer.rpe_v, attn, "v")
@@ -265,6 +308,39 @@ def test_rpe_attention_matches_slow_implementation(setting):
     slow_out, slow_weights = _slow_rpe_attention(layer, q, q, v, hw, mask)
     torch.testing.assert_close(out, slow_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(weights, slow_weights, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("setting", ["rpe-1.9-product-ctx-0-qkv", "rpe-2.5-cross-ctx-1-kv",
+                                     "rpe-2.0-euc-ctx-1-v", "rpe-1.5-quant-bias-0-qk"])
+def test_rpe_attention_in_training_mode_with_dropout_matches_slow_implementation(setting, monkeypatch):
+    # one dropout mask, drawn here, shared by the layer (through F.dropout) and the slow version:
+    # the v-encoding must come from the dropped-out weights, values and gradients alike
+    torch.manual_seed(7)
+    layer = RPEMultiheadAttention(24, 3, dropout=0.5, rpe_config=parse_rpe_string(setting)).train()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if "lookup_table" in name:
+                p.normal_()
+    q, v, mask = _random_inputs(15, 2, 24, seed=5)
+    keep = torch.rand(2, 3, 15, 15, generator=torch.Generator().manual_seed(6)) > 0.5
+    calls = []
+
+    def shared_dropout(x, p=0.5, training=True, inplace=False):
+        calls.append((tuple(x.shape), p, training))
+        return x * keep / (1 - p) if training else x
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", shared_dropout)
+    out, weights = layer(q, q, v, key_padding_mask=mask, hw=(3, 5))
+    assert calls == [((2, 3, 15, 15), 0.5, True)]
+    slow_out, slow_weights = _slow_rpe_attention(layer, q, q, v, (3, 5), mask, keep=keep)
+    torch.testing.assert_close(out, slow_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weights, slow_weights, rtol=1e-5, atol=1e-6)
+    params = [p for _, p in layer.named_parameters()]
+    grads = torch.autograd.grad((out * torch.linspace(-1, 1, 24)).sum(), params)
+    slow_grads = torch.autograd.grad((slow_out * torch.linspace(-1, 1, 24)).sum(), params,
+                                     allow_unused=True)
+    for (name, _), g, slow_g in zip(layer.named_parameters(), grads, slow_grads):
+        torch.testing.assert_close(g, slow_g, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_skip_token_config_matches_slow_implementation():

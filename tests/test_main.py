@@ -140,8 +140,52 @@ def test_bare_state_dict_of_another_configuration_is_described(tmp_path):
     with pytest.raises(CheckpointError) as err:
         check_compatible(other, load_checkpoint(ckpt), args)
     message = str(err.value)
-    assert "iRPE product, mode ctx, shared_head 1, on k, 49 buckets" in message
-    assert "rpe-1.5-product-ctx-1-k" in message  # the smallest ratio with int(2 ratio) = 3
+    assert "iRPE tables of 49 buckets, mode ctx, shared_head 1, on k" in message
+    # 49 buckets fit a product table for every ratio in [1.5, 2) (and euc / quant tables at
+    # ratio 12): no single ratio is suggested, the model zoo's is named
+    assert "rpe-{ratio}-product-ctx-1-k with ratio in [1.5, 2)" in message
+    assert "rpe-{ratio}-euc-ctx-1-k with ratio in [12, 12.5)" in message
+    assert "the model zoo's is --enc_rpe2d rpe-1.9-product-ctx-1-k" in message
+    assert "rpe-1.5-" not in message
+
+
+def test_model_only_file_that_fits_warns_that_its_ratio_is_unchecked(tmp_path, caplog):
+    # ratios 1.5 and 1.9 give tables of the same shapes but other bucket ids: the file loads
+    # strictly either way, so the run says which setting it assumes
+    from models.rpe_attention.irpe import bucket_ids
+    assert not torch.equal(bucket_ids("product", 1.5, 9, 9), bucket_ids("product", 1.9, 9, 9))
+    ckpt = tmp_path / "bare.pth"
+    model = _published_style_checkpoint(ckpt, "rpe-1.9-product-ctx-1-k", only_model=True)
+    from util.checkpoint import check_compatible
+    args = main.get_args_parser().parse_args(["--enc_rpe2d", "rpe-1.5-product-ctx-1-k", *TINY])
+    with caplog.at_level("WARNING"):
+        check_compatible(model, load_checkpoint(ckpt), args, name=str(ckpt))
+    assert "does not record its options: make sure --enc_rpe2d rpe-1.5-product-ctx-1-k" in caplog.text
+    assert "rpe-1.9-product-ctx-1-k" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # a file with its options is checked, not warned about
+        check_compatible(model, {"model": model.state_dict(), "args": args}, args)
+    assert caplog.text == ""
+
+
+@pytest.mark.parametrize("method, buckets, expected", [
+    ("euc", 9, ["euc-bias-0-k with ratio in [2, 2.5)", "quant-bias-0-k with ratio in [2, 2.5)",
+                "product-bias-0-k with ratio in [0.5, 1)"]),
+    ("quant", 7, ["euc-bias-0-k with ratio in [1.5, 2)", "quant-bias-0-k with ratio in [1.5, 2)"]),
+    ("cross", 5, ["cross-bias-0-k with ratio in [1, 1.5)"]),
+])
+def test_table_description_names_every_setting_that_fits(method, buckets, expected):
+    from models.rpe_attention.irpe import num_buckets_of
+    from util.checkpoint import describe_checkpoint
+    ratio = {9: 2.0, 7: 1.5, 5: 1.0}[buckets]
+    assert num_buckets_of(method, ratio) == buckets
+    prefix = "transformer.encoder.layers.0.self_attn.rpe_k."
+    keys = [prefix + "rp_rows.", prefix + "rp_cols."] if method == "cross" else [prefix]
+    text = describe_checkpoint({k + "lookup_table_bias": torch.zeros(2, buckets) for k in keys})["enc_rpe2d"]
+    for part in expected:
+        assert part in text
+    assert text.count("with ratio in") == len(expected)
+    assert "model zoo" not in text
 
 
 def test_missing_data_message(tmp_path):

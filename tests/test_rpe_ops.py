@@ -566,3 +566,63 @@ def test_cuda_second_device():
     torch.testing.assert_close(out.cpu(), _fallback.rpe_index(x.cpu(), index.cpu()))
     grad = rpe_ops.rpe_index_backward(out, index, 5)
     assert grad.device == x.device
+
+
+# ----------------------------------------------------------------------------------------------
+# Deterministic mode
+
+@pytest.fixture
+def deterministic_mode():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def test_deterministic_mode_selects_scatter_add_for_the_cuda_bucket_sum(deterministic_mode):
+    assert rpe_ops.bucket_sum_implementation("cuda") == "scatter_add"
+    assert rpe_ops.bucket_sum_implementation(torch.device("cuda", 1)) == "scatter_add"
+    assert rpe_ops.bucket_sum_implementation("cpu") == "operator"  # the CPU kernel is deterministic
+    torch.use_deterministic_algorithms(False)
+    assert rpe_ops.bucket_sum_implementation("cuda") == "operator"
+
+
+def test_deterministic_bucket_sum_routes_both_paths_and_equals_the_operator(deterministic_mode, monkeypatch):
+    # on a machine without CUDA, let the CPU stand for a device whose kernel adds with atomics:
+    # the value path's forward and the key path's backward must both take scatter_add, and give
+    # the operator's sums up to float rounding
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 9, 25, generator=gen, dtype=torch.float64, requires_grad=True)
+    attn = torch.randn(2, 3, 9, 14, generator=gen, dtype=torch.float64, requires_grad=True)
+    index = make_index(9, 14, 25, generator=gen)
+    expected_v = torch.ops.rpe_ops.rpe_index_backward(attn, index, 25)
+    expected_k_grad = torch.autograd.grad(rpe_ops.rpe_index(x, index).sum(), x)[0]
+
+    calls = []
+    real = _fallback.rpe_index_backward
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(rpe_ops, "_ATOMIC_BUCKET_SUM_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(_fallback, "rpe_index_backward", spy)
+    value_term = rpe_ops.rpe_index_backward(attn, index, 25)
+    k_grad = torch.autograd.grad(rpe_ops.rpe_index(x, index).sum(), x)[0]
+    assert calls == [attn.shape, (2, 3, 9, 14)]
+    torch.testing.assert_close(value_term, expected_v)
+    torch.testing.assert_close(k_grad, expected_k_grad)
+    # and its own gradient (a lookup) still flows
+    (grad_attn,) = torch.autograd.grad(value_term.sum(), attn)
+    torch.testing.assert_close(grad_attn, torch.ones_like(attn))
+
+
+@needs_cuda
+def test_cuda_deterministic_mode_runs_the_value_path(deterministic_mode):
+    gen = torch.Generator().manual_seed(12)
+    attn = torch.randn(2, 8, 30, 30, generator=gen).cuda().requires_grad_()
+    index = make_index(30, 30, 81, generator=gen).cuda()
+    first = rpe_ops.rpe_index_backward(attn, index, 81)
+    assert torch.equal(first, rpe_ops.rpe_index_backward(attn, index, 81))
+    torch.testing.assert_close(first.cpu(), _fallback.rpe_index_backward(attn.detach().cpu(), index.cpu(), 81))
+    first.sum().backward()

@@ -1,6 +1,8 @@
 """Checkpoints: safe loading (local path or URL), atomic saving, random states, and telling a
 checkpoint of another configuration apart with a readable message."""
 import argparse
+import logging
+import math
 import os
 import random
 import re
@@ -13,6 +15,8 @@ import numpy as np
 import torch
 
 from util.interrupt import signals_deferred
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -122,7 +126,14 @@ def set_rng_states(states, *generators):
     """Restore what get_rng_states returned (the same generators, in the same order)."""
     torch.set_rng_state(_from_bytes(states["torch"]))
     if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_from_bytes(s) for s in states["cuda"]])
+        # a process may see fewer GPUs than the one that saved (CUDA_VISIBLE_DEVICES, another
+        # machine): restore those it has; the others' states have no device to go to
+        visible = torch.cuda.device_count()
+        if len(states["cuda"]) > visible:
+            logger.info("the checkpoint holds the random states of %d GPUs, this process sees %d: "
+                        "the first %d are restored", len(states["cuda"]), visible, visible)
+        for device, state in enumerate(states["cuda"][:visible]):
+            torch.cuda.set_rng_state(_from_bytes(state), device)
     name, keys, *rest = states["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     version, internal, gauss = states["python"]
@@ -134,8 +145,22 @@ def set_rng_states(states, *generators):
 # ----------------------------------------------------------------------------------------------
 # What a checkpoint was trained with
 
+# The model zoo's settings (SPEC.md), named when a file's tables fit one of them.
+MODEL_ZOO_RPE = ("rpe-1.9-product-ctx-1-k", "rpe-2.0-product-ctx-1-k")
+
+
+def _ratio_range(beta_int):
+    """The ratios r with int(2 * r) = beta_int: the table sizes do not tell them apart."""
+    return f"[{beta_int / 2:g}, {(beta_int + 1) / 2:g})"
+
+
 def _rpe_description(state_dict):
-    """Describe the encoder iRPE tables of a state_dict in --enc_rpe2d terms."""
+    """Describe the encoder iRPE tables of a state_dict in --enc_rpe2d terms.
+
+    Tensor shapes give the number of buckets, not the ratio (every ratio with the same int(2 *
+    ratio) has the same tables but other bucket ids), nor euc from quant: the description names
+    every setting that fits, never one guessed value, and the model-zoo setting when it fits.
+    """
     tables = {k: v for k, v in state_dict.items()
               if k.startswith("transformer.encoder.layers.0.self_attn.rpe_")}
     if not tables:
@@ -148,14 +173,30 @@ def _rpe_description(state_dict):
     table = qk_tables[0] if qk_tables else next(iter(tables.values()))
     buckets = table.shape[-1] if qk_tables else table.shape[1]
     shared = "1" if table.shape[0] == 1 else "0"
-    side = int(round(buckets ** 0.5))
-    if not cross and side * side == buckets and side % 2 == 1 and side > 1:
-        method, beta_int = "product", (side - 1) // 2
+    side = math.isqrt(buckets)
+    candidates = []  # (method, beta_int): every setting whose tables have these shapes
+    if cross:
+        candidates.append(("cross", (buckets - 1) // 2))
     else:
-        method, beta_int = ("cross" if cross else "euc or quant"), (buckets - 1) // 2
-    return (f"iRPE {method}, mode {mode}, shared_head {shared}, on {on}, {buckets} buckets "
-            f"(ratio with int(2 * ratio) = {beta_int}, e.g. --enc_rpe2d "
-            f"rpe-{beta_int / 2:.1f}-{method.split()[0]}-{mode}-{shared}-{on})")
+        if side * side == buckets and side % 2 == 1 and side > 1:
+            candidates.append(("product", (side - 1) // 2))
+        if buckets % 2 == 1 and buckets > 1:
+            candidates += [("euc", (buckets - 1) // 2), ("quant", (buckets - 1) // 2)]
+    fits = [f"rpe-{{ratio}}-{method}-{mode}-{shared}-{on} with ratio in {_ratio_range(beta_int)}"
+            for method, beta_int in candidates]
+    zoo = [s for s in MODEL_ZOO_RPE if any(
+        s.split("-")[2:] == [method, mode, shared, on] and int(2 * float(s.split("-")[1])) == b
+        for method, b in candidates)]
+    text = (f"iRPE tables of {buckets} buckets, mode {mode}, shared_head {shared}, on {on}: "
+            f"the file does not record the ratio")
+    if not fits:
+        return text.replace("the file does not record the ratio", "no --enc_rpe2d setting has "
+                            "tables of these shapes")
+    text += (" (or the method); any of " if len(fits) > 1 else "; any of ") + " or ".join(fits)
+    text += " gives these shapes"
+    if zoo:
+        text += f"; the model zoo's is --enc_rpe2d {zoo[0]}"
+    return text
 
 
 def describe_checkpoint(state_dict):
@@ -189,11 +230,12 @@ def _rpe_string(args):
     return None if value is None else (value or "''")
 
 
-def check_compatible(model, checkpoint, args=None):
+def check_compatible(model, checkpoint, args=None, name="the checkpoint"):
     """Raise CheckpointError naming what the file holds when its model tensors do not fit `model`.
 
     `args` are the options the model was built from; the file's own 'args', when present, give
-    its --enc_rpe2d string, else that is described from its tables.
+    its --enc_rpe2d string, else that is described from its tables (and a file without 'args'
+    but with iRPE tables is loaded with a logged warning: its ratio cannot be checked).
     """
     state_dict = checkpoint["model"]
     expected = model.state_dict()
@@ -201,6 +243,11 @@ def check_compatible(model, checkpoint, args=None):
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
     if not (missing or unexpected or mismatched):
+        if _rpe_string(checkpoint.get("args")) is None and any(".self_attn.rpe_" in k for k in state_dict):
+            logger.warning("%s does not record its options: make sure --enc_rpe2d %s is the setting "
+                           "it was trained with, since other ratios fit the same tables with other "
+                           "bucket ids (%s)", name, _rpe_string(args) or "(as given)",
+                           _rpe_description(state_dict))
         return
     theirs, ours = describe_checkpoint(state_dict), describe_checkpoint(expected)
     their_rpe, our_rpe = _rpe_string(checkpoint.get("args")), _rpe_string(args)
