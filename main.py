@@ -254,7 +254,7 @@ def main(args):
         loaded, fresh = load_for_finetuning(model, load_checkpoint(args.finetune), args)
         logger.info("fine-tuning from %s: %d tensors loaded; %d re-initialised (the file's are "
                     "skipped): %s", args.finetune, len(loaded), len(fresh),
-                    ", ".join(f"{name} {shape}" for name, shape in fresh.items()))
+                    "; ".join(f"{name} {shape}" for name, shape in fresh.items()))
 
     if (dataset_train is not None and not (args.resume or args.finetune)
             and args.backbone_weights == "none"):
