@@ -95,6 +95,12 @@ def output_names(paths):
     return names
 
 
+def make_transform(size, max_size):
+    """Evaluation's transform (short side `size`, long side at most `max_size`, ImageNet
+    normalisation); called as transform(pil_image, None)."""
+    return T.Compose([T.RandomResize([size], max_size=max_size), T.normalize_transform()])
+
+
 def read_image(path):
     try:
         with Image.open(path) as image:
@@ -225,7 +231,7 @@ def predict(args, model_command_line):
     paths = find_images(args.images)
     names = output_names(paths)
     model, postprocess, category_names = load_model(args.resume, model_command_line, device)
-    transform = T.Compose([T.RandomResize([args.size], max_size=args.max_size), T.normalize_transform()])
+    transform = make_transform(args.size, args.max_size)
     os.makedirs(args.output_dir, exist_ok=True)
     if args.attention:
         os.makedirs(os.path.join(args.output_dir, "attention"), exist_ok=True)
