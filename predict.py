@@ -230,6 +230,11 @@ def predict(args, model_command_line):
         raise SystemExit("error: --batch_size must be at least 1")
     paths = find_images(args.images)
     names = output_names(paths)
+    inputs = {os.path.realpath(p) for p in paths}
+    clash = next((n for n in names if os.path.realpath(os.path.join(args.output_dir, f"{n}.png")) in inputs), None)
+    if clash is not None:
+        raise SystemExit(f"error: writing {clash}.png into --output_dir {args.output_dir} would "
+                         f"overwrite an input picture; choose another --output_dir")
     model, postprocess, category_names = load_model(args.resume, model_command_line, device)
     transform = make_transform(args.size, args.max_size)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -123,6 +123,8 @@ def test_file_without_args_names_and_empty_results(photos, tmp_path):
     torch.save(model.state_dict(), bare)
     common = ["--images", str(folder / "chelsea.png"), "--device", "cpu", "--size", SIZE,
               "--max_size", MAX_SIZE]
+    with pytest.raises(SystemExit, match="chelsea.png .* would overwrite an input picture"):
+        predict.run(list(map(str, ["--resume", bare, "--output_dir", folder, *common])))
     with pytest.raises(SystemExit, match="this file was trained with .*--enc_rpe2d iRPE product"):
         predict.run(list(map(str, ["--resume", bare, "--output_dir", tmp_path / "a", *common])))
     out = tmp_path / "b"
