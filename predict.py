@@ -41,7 +41,7 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        "DETR with iRPE: detect objects in pictures", epilog="Checkpoints without args also take "
+        description="DETR with iRPE: detect objects in pictures", epilog="Checkpoints without args also take "
         "main.py's model options (--enc_rpe2d, --backbone, --num_classes, --num_queries, ...).")
     parser.add_argument("--resume", required=True, help="checkpoint path or http(s) URL")
     parser.add_argument("--images", nargs="+", required=True,
@@ -281,7 +281,9 @@ def run(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         handlers=[logging.StreamHandler(sys.stdout)], force=True)
     args, rest = get_args_parser().parse_known_args(argv)
-    model_parser = argparse.ArgumentParser("predict.py model options", parents=[main_args_parser()])
+    model_parser = argparse.ArgumentParser(
+        usage="predict.py --resume CKPT --images PATH [PATH ...] --output_dir DIR [options] "
+              "[main.py's model options]", parents=[main_args_parser()])
     model_command_line = model_parser.parse_args(rest)
     try:
         return predict(args, model_command_line)
