@@ -41,8 +41,9 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
-        description="DETR with iRPE: detect objects in pictures", epilog="Checkpoints without args also take "
-        "main.py's model options (--enc_rpe2d, --backbone, --num_classes, --num_queries, ...).")
+        description="DETR with iRPE: detect objects in pictures",
+        epilog="Checkpoints without args also take main.py's model options (--enc_rpe2d, "
+               "--backbone, --num_classes, --num_queries, ...).")
     parser.add_argument("--resume", required=True, help="checkpoint path or http(s) URL")
     parser.add_argument("--images", nargs="+", required=True,
                         help="image files, or folders whose images (not subfolders) are read")
@@ -137,9 +138,20 @@ def load_model(checkpoint_path, command_line, device):
     model.load_state_dict(checkpoint["model"], strict=True)
     names = getattr(options, "category_names", None)
     if not names:  # COCO's names are the right ones only for a COCO-sized classifier
-        coco_sized = (options.num_classes or num_classes_for(options.dataset_file)) == num_classes_for("coco")
-        names = COCO_CATEGORY_NAMES if coco_sized else {}
+        num_classes = options.num_classes or num_classes_for(options.dataset_file)
+        names = COCO_CATEGORY_NAMES if num_classes == num_classes_for("coco") else {}
     return model.eval().to(device), postprocessors["bbox"], {int(k): str(v) for k, v in names.items()}
+
+
+def coco_results(found, image_id, file_name, threshold, category_names):
+    """PostProcess's output for one image -> COCO results (bbox xywh) of the scores above threshold."""
+    keep = found["scores"] > threshold
+    return [{"image_id": image_id, "file_name": file_name, "category_id": label,
+             "category_name": category_names.get(label, f"class {label}"),
+             "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score}
+            for (x0, y0, x1, y1), score, label in zip(found["boxes"][keep].tolist(),
+                                                      found["scores"][keep].tolist(),
+                                                      found["labels"][keep].tolist())]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,7 +243,8 @@ def predict(args, model_command_line):
     paths = find_images(args.images)
     names = output_names(paths)
     inputs = {os.path.realpath(p) for p in paths}
-    clash = next((n for n in names if os.path.realpath(os.path.join(args.output_dir, f"{n}.png")) in inputs), None)
+    outputs = {os.path.realpath(os.path.join(args.output_dir, f"{n}.png")): n for n in names}
+    clash = next((n for path, n in outputs.items() if path in inputs), None)
     if clash is not None:
         raise SystemExit(f"error: writing {clash}.png into --output_dir {args.output_dir} would "
                          f"overwrite an input picture; choose another --output_dir")
@@ -243,31 +256,24 @@ def predict(args, model_command_line):
 
     results = []
     for start in range(0, len(paths), args.batch_size):
-        batch_paths, batch_names = paths[start:start + args.batch_size], names[start:start + args.batch_size]
-        images = [read_image(p) for p in batch_paths]
+        batch = range(start, min(start + args.batch_size, len(paths)))
+        images = [read_image(paths[k]) for k in batch]
         tensors = [transform(image, None)[0] for image in images]
         samples = nested_tensor_from_tensor_list(tensors).to(device)
         orig_sizes = torch.tensor([[im.height, im.width] for im in images], device=device)
-        with capture_encoder_attention(model) if args.attention else contextlib.nullcontext() as captured:
+        attention = capture_encoder_attention(model) if args.attention else contextlib.nullcontext()
+        with attention as captured:
             outputs = model(samples)
-        for i, found in enumerate(postprocess(outputs, orig_sizes)):
-            image_id = start + i + 1
-            keep = found["scores"] > args.threshold
-            detections = [{
-                "image_id": image_id, "file_name": batch_paths[i], "category_id": int(label),
-                "category_name": category_names.get(int(label), f"class {int(label)}"),
-                "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score,
-            } for (x0, y0, x1, y1), score, label in zip(found["boxes"][keep].tolist(),
-                                                          found["scores"][keep].tolist(),
-                                                          found["labels"][keep].tolist())]
+        for i, (k, found) in enumerate(zip(batch, postprocess(outputs, orig_sizes))):
+            detections = coco_results(found, k + 1, paths[k], args.threshold, category_names)
             results += detections
-            draw_detections(images[i], detections).save(os.path.join(args.output_dir, f"{batch_names[i]}.png"))
+            draw_detections(images[i], detections).save(os.path.join(args.output_dir, f"{names[k]}.png"))
             if args.attention:
-                save_attention(os.path.join(args.output_dir, "attention", f"{batch_names[i]}.png"),
+                save_attention(os.path.join(args.output_dir, "attention", f"{names[k]}.png"),
                                images[i], found, captured, i, args.attention_points, category_names,
                                sizes=(images[i].size, tuple(tensors[i].shape[:0:-1]),
                                       tuple(samples.tensors.shape[:1:-1])))
-        logger.info("%d/%d images", min(start + args.batch_size, len(paths)), len(paths))
+        logger.info("%d/%d images", batch.stop, len(paths))
 
     with open(os.path.join(args.output_dir, "predictions.json"), "w") as f:
         json.dump(results, f)

@@ -82,7 +82,8 @@ def coco_format_problem(data):
     image_ids = {i["id"] for i in data["images"]}
     orphans = [a for a in data["annotations"] if a["image_id"] not in image_ids]
     if orphans:
-        return f"{len(orphans)} annotation(s) name an image id that 'images' lacks, e.g. {orphans[0]['image_id']}"
+        return (f"{len(orphans)} annotation(s) name an image id that 'images' lacks, e.g. "
+                f"{orphans[0]['image_id']}")
     return None
 
 
@@ -298,7 +299,8 @@ class CocoDetection(torch.utils.data.Dataset):
         help_text = OWN_FILES_HELP.format(split=split) if own_files else LAYOUT_HELP
         if own_files:
             if not os.path.isfile(annotation_file):
-                raise DatasetNotFoundError(f"annotation file {annotation_file} does not exist; {help_text}")
+                raise DatasetNotFoundError(
+                    f"annotation file {annotation_file} does not exist; {help_text}")
         else:
             annotation_file = coco_2017_annotation_file(root, split)
             images = find_images(root, SPLITS[split])
@@ -315,7 +317,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self._check_images(file_names, own_files)
 
     def _check_images(self, file_names, own_files):
-        """Name the images the annotation file lists and the source lacks, now rather than in an epoch."""
+        """Name the images that the annotation file lists and the source lacks, before training."""
         if isinstance(self.images, ZipImages):
             missing = [self.images.member(f) for f in self.images.missing_members(file_names)]
             where = f"{self.images.zip_path} lacks"

@@ -21,7 +21,8 @@ from tests.test_main import TINY
 from util.attention_maps import capture_encoder_attention
 from util.misc import nested_tensor_from_tensor_list
 
-skimage = pytest.importorskip("skimage", reason="scikit-image ships the photographs (requirements-test.txt)")
+skimage = pytest.importorskip("skimage",
+                              reason="scikit-image ships the photographs (requirements-test.txt)")
 PHOTOS = os.path.join(os.path.dirname(skimage.__file__), "data")
 SIZE, MAX_SIZE = 96, 160  # small images keep the test fast; the rule is evaluation's
 RPE = ["--enc_rpe2d", "rpe-2.0-product-ctx-1-k"]
@@ -112,7 +113,9 @@ def test_predict_on_photos_equals_postprocess(photos, tmp_path):
             found = any(p["file_name"] == path for p in predictions)
             assert pixels_differ(drawn, original) == found, name
         with Image.open(out / "attention" / f"{name}.png") as figure:
-            assert figure.format == "PNG" and figure.width > 2 * original.width * figure.height / original.height
+            # the picture and a heat map per point, side by side
+            aspect = original.width / original.height
+            assert figure.format == "PNG" and figure.width > 2 * aspect * figure.height
 
 
 def test_file_without_args_names_and_empty_results(photos, tmp_path):
