@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import skimage
 import torch
 from PIL import Image
 
@@ -21,8 +22,7 @@ from tests.test_main import TINY
 from util.attention_maps import capture_encoder_attention
 from util.misc import nested_tensor_from_tensor_list
 
-skimage = pytest.importorskip("skimage",
-                              reason="scikit-image ships the photographs (requirements-test.txt)")
+# scikit-image (requirements-test.txt) ships these photographs inside its wheel
 PHOTOS = os.path.join(os.path.dirname(skimage.__file__), "data")
 SIZE, MAX_SIZE = 96, 160  # small images keep the test fast; the rule is evaluation's
 RPE = ["--enc_rpe2d", "rpe-2.0-product-ctx-1-k"]
