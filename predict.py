@@ -185,30 +185,33 @@ def save_attention(path, image, found, captured, index, count, category_names, s
     points = [((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in boxes.tolist()]
     labels = [f"{category_names.get(int(found['labels'][j]), int(found['labels'][j]))} "
               f"{float(found['scores'][j]):.2f}" for j in best]
-    save_attention_figure(path, image, points, attention_maps(captured, index, points, sizes), labels)
+    maps, extent = attention_maps(captured, index, points, sizes)
+    save_attention_figure(path, image, points, maps, extent, labels)
 
 
 def attention_maps(captured, index, points, sizes):
     """For each point (x, y) of image `index` of the batch, the (rows, cols) map of where its
-    feature-map token attends, cropped to the image (padding removed). `sizes`: the (w, h) of the
-    image, of it resized for the model, and of the padded batch."""
+    feature-map token attends, padding removed; and the extent (0, right, bottom, 0) in image
+    pixels that those cells cover. `sizes`: the (w, h) of the image, of it resized for the model,
+    and of the padded batch."""
     h, w = captured["hw"]
     weights = captured["weights"][index].reshape(h * w, h, w)
     valid = torch.ones(h, w, dtype=torch.bool) if captured["padding"] is None else \
         ~captured["padding"][index].reshape(h, w).cpu()
     rows, cols = int(valid[:, 0].sum()), int(valid[0].sum())
     (orig_w, orig_h), (resized_w, resized_h), (padded_w, padded_h) = sizes
+    # image pixels per feature cell: the backbone's stride (padded / h), undoing the resize
+    cell_w, cell_h = padded_w / w * orig_w / resized_w, padded_h / h * orig_h / resized_h
     maps = []
     for x, y in points:
-        # image pixel -> resized pixel -> feature cell (the backbone's stride is padded / h)
-        row = min(int(y * resized_h / orig_h * h / padded_h), rows - 1)
-        col = min(int(x * resized_w / orig_w * w / padded_w), cols - 1)
+        row, col = min(int(y / cell_h), rows - 1), min(int(x / cell_w), cols - 1)
         maps.append(weights[row * w + col, :rows, :cols].float().cpu())
-    return maps
+    return maps, (0, cols * cell_w, rows * cell_h, 0)
 
 
-def save_attention_figure(path, image, points, maps, labels):
-    """The image with the points marked, then one heat map per point, side by side."""
+def save_attention_figure(path, image, points, maps, extent, labels):
+    """The image with the points marked, then one heat map per point (covering `extent` in image
+    pixels), side by side."""
     from matplotlib.figure import Figure  # only --attention needs matplotlib
 
     width, height = image.size
@@ -221,8 +224,9 @@ def save_attention_figure(path, image, points, maps, labels):
         axes[0].annotate(str(k), (x, y), color="white", xytext=(4, 4), textcoords="offset points")
         # the map over a grey copy of the image, so that what is looked at can be recognised
         axes[k].imshow(image.convert("L"), cmap="gray")
-        axes[k].imshow(heat.numpy(), cmap="inferno", alpha=0.6, extent=(0, width, height, 0),
-                       interpolation="nearest")
+        axes[k].imshow(heat.numpy(), cmap="inferno", alpha=0.6, extent=extent, interpolation="nearest")
+        axes[k].set_xlim(0, width)  # the last cells may reach past the image
+        axes[k].set_ylim(height, 0)
         axes[k].plot(x, y, "o", color="red", markersize=6, markeredgecolor="white")
         axes[k].set_title(f"{k}: {label}", fontsize=9)
     for ax in axes:

@@ -174,3 +174,19 @@ def test_encoder_attention_capture():
         with capture_encoder_attention(model) as without_rpe:
             model(images)
     assert not torch.allclose(without_rpe["weights"], weights, atol=1e-4)
+
+
+def test_attention_map_of_a_point_is_its_cells_row():
+    # attention where every token looks only at itself: a point's map is one-hot at its own cell
+    h, w = 3, 5
+    padding = torch.zeros(2, h, w, dtype=torch.bool)
+    padding[1, 2:, :] = padding[1, :, 4:] = True  # image 1 covers 2 x 4 cells of the batch
+    captured = {"hw": (h, w), "weights": torch.eye(h * w).repeat(2, 1, 1),
+                "padding": padding.flatten(1)}
+    # image 1: 256 x 128 pixels, resized to 128 x 64 in a 160 x 96 batch: 64 pixels per cell
+    sizes = ((256, 128), (128, 64), (160, 96))
+    maps, extent = predict.attention_maps(captured, 1, [(200, 70), (10, 127)], sizes)
+    assert extent == (0, 256, 128, 0)
+    expected = torch.zeros(2, 2, 4)
+    expected[0, 1, 3] = expected[1, 1, 0] = 1
+    assert torch.equal(torch.stack(maps), expected)
