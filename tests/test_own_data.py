@@ -69,13 +69,11 @@ def test_own_files_train_and_evaluate(own_data, tmp_path):
     out = tmp_path / "out"
     stats = run_main(*own_data, "--output_dir", out, "--epochs", 1, "--batch_size", 2, *TINY, *RPE)
     assert len(stats["coco_eval_bbox"]) == 12
-    checkpoint = load_checkpoint(out / "checkpoint.pth")
+    checkpoint = load_checkpoint(out / "checkpoint.pth")  # weights_only, Namespace allow-listed
     args = checkpoint["args"]
     assert args.num_classes == 5 and args.category_names == NAMES
     assert checkpoint["model"]["class_embed.weight"].shape == (6, 32)
     assert "num_classes 5: the largest category id + 1" in (out / "run.log").read_text()
-    # the names survive loading without unpickling anything but the allow-listed Namespace
-    assert torch.load(out / "checkpoint.pth", weights_only=False)["args"].category_names == NAMES
 
 
 def test_file_names_and_zip_layouts(tmp_path):
