@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from models.backbone import BackboneWeightsError, calibrate_frozen_batchnorm
 from models.rpe_attention.irpe import parse_rpe_string
 from util.checkpoint import (CheckpointError, check_compatible, get_rng_states, load_checkpoint,
                              load_for_finetuning, save_atomic, set_rng_states)
+from util.interrupt import Interrupted, stop_signals_raise
 
 logger = logging.getLogger("detr")
 
@@ -132,6 +134,12 @@ def get_args_parser():
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
     parser.add_argument("--local_rank", "--local-rank", default=-1, type=int,
                         help="set by torch.distributed.launch without --use_env")
+
+    # Interruptions and restarts
+    parser.add_argument("--auto_resume", action="store_true",
+                        help="continue from OUTPUT_DIR/checkpoint.pth when it exists, else from "
+                             "--resume (or from scratch), so a stopped run restarts with the same "
+                             "command; on by default in runs torchrun restarted")
     return parser
 
 
@@ -155,8 +163,9 @@ def init_distributed_mode(args):
     if args.dist_url == "env://" and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
         raise SystemExit("distributed run without MASTER_ADDR and MASTER_PORT in the environment "
                          "(as under SLURM): export both, or pass --dist_url tcp://HOST:PORT")
-    torch.distributed.init_process_group(backend=backend, init_method=args.dist_url,
-                                         world_size=args.world_size, rank=args.rank)
+    store = utils.restart_store(args.world_size) if args.dist_url == "env://" else None
+    torch.distributed.init_process_group(backend=backend, init_method=None if store else args.dist_url,
+                                         store=store, world_size=args.world_size, rank=args.rank)
     torch.distributed.barrier()
 
 
@@ -168,6 +177,56 @@ def setup_logging(output_dir):
         handlers.append(logging.FileHandler(Path(output_dir) / "run.log"))
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         handlers=handlers, force=True)
+
+
+def resolve_auto_resume(args):
+    """--auto_resume: OUTPUT_DIR/checkpoint.pth, when it exists, becomes --resume.
+
+    It wins over a --resume given as well (that file only gives the first start). On by default
+    when torchrun's elastic agent restarted the workers. The main process decides for all.
+    """
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if restarts > 0 and not args.auto_resume:
+        if not args.output_dir:
+            logger.warning("restart %d by torchrun, but without --output_dir there is no "
+                           "checkpoint to continue from: starting again", restarts)
+            return
+        logger.info("restart %d by torchrun: --auto_resume is on", restarts)
+        args.auto_resume = True
+    if not args.auto_resume:
+        return
+    if not args.output_dir:
+        raise SystemExit("--auto_resume continues from OUTPUT_DIR/checkpoint.pth: pass --output_dir")
+    own = Path(args.output_dir) / "checkpoint.pth"
+    if utils.all_gather(own.is_file())[0]:
+        if args.resume and Path(args.resume) != own:
+            logger.info("--auto_resume: %s exists and is used instead of --resume %s", own, args.resume)
+        args.resume = str(own)
+    else:
+        logger.info("--auto_resume: no %s yet, starting %s", own,
+                    f"from --resume {args.resume}" if args.resume else "from scratch")
+
+
+def interruption_message(stop, args, started):
+    """What an interrupted run left on disk, for the user who restarts it.
+
+    An epoch counts as finished once its checkpoint is written; the file on disk is this run's
+    when it was written after `started` or is the one this run resumed from.
+    """
+    name = signal.Signals(stop.signum).name
+    if args.eval or not args.output_dir:
+        return f"stopped by {name}; nothing was saved"
+    path = Path(args.output_dir) / "checkpoint.pth"
+    ours = path.is_file() and (path.stat().st_mtime >= started or Path(args.resume or "") == path)
+    if not ours:
+        return (f"stopped by {name} before the first epoch of this run finished: nothing was saved; "
+                f"run the same command again")
+    try:
+        epoch = load_checkpoint(path).get("epoch")
+    except CheckpointError as err:
+        return f"stopped by {name}: {err}"
+    return (f"stopped by {name}: the last finished epoch, {epoch}, is saved intact in {path}; run "
+            f"the same command again with --auto_resume to continue from it")
 
 
 def build_loaders(args, dataset_train, dataset_val):
@@ -215,13 +274,22 @@ def main(args):
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     setup_logging(args.output_dir)
     logger.info("options: %s", vars(args))
-    if args.frozen_weights is not None:
-        raise SystemExit("--frozen_weights only serves segmentation training (--masks), which this "
-                         "codebase does not support")
     if args.finetune and (args.resume or args.eval):
         raise SystemExit("--finetune FILE starts a new training run from FILE's weights, "
                          "without its optimizer or epoch; --resume FILE continues FILE's own run and "
                          "--eval --resume FILE evaluates it. Give one of them, not both")
+    resolve_auto_resume(args)
+    if args.finetune and args.resume:  # the run's own checkpoint, found by --auto_resume
+        logger.info("--finetune %s gave this run its first start only: continuing from %s",
+                    args.finetune, args.resume)
+        args.finetune = ""
+    world_size, nodes = utils.get_world_size(), utils.num_nodes()
+    logger.info("world size %d on %d node%s, %d images per process, effective batch %d, lr %g "
+                "(backbone %g; not scaled with the batch)", world_size, nodes, "s" * (nodes != 1),
+                args.batch_size, args.batch_size * world_size, args.lr, args.lr_backbone)
+    if args.frozen_weights is not None:
+        raise SystemExit("--frozen_weights only serves segmentation training (--masks), which this "
+                         "codebase does not support")
     if args.resume or args.eval or args.finetune:
         if args.backbone_weights != "none":
             logger.info("--resume/--eval/--finetune given: the backbone starts from the checkpoint, "
@@ -348,9 +416,19 @@ def main(args):
 def run(argv=None):
     parser = argparse.ArgumentParser("DETR with iRPE: training and evaluation",
                                      parents=[get_args_parser()])
-    args = parser.parse_args(argv)
+    return run_parsed(parser.parse_args(argv))
+
+
+def run_parsed(args):
+    """main(args) with the messages, exit statuses and clean-up of the command line."""
+    started = time.time()
     try:
-        return main(args)
+        with stop_signals_raise():
+            return main(args)
+    except Interrupted as stop:
+        if utils.is_main_process():
+            logger.error("%s", interruption_message(stop, args, started))
+        raise SystemExit(128 + stop.signum) from None
     except (CheckpointError, BackboneWeightsError, OSError, ValueError) as err:
         # problems of the input (options, files, data): one message, no traceback
         raise SystemExit(f"error: {err}") from None

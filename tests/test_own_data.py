@@ -152,8 +152,9 @@ def coco_checkpoint(tmp_path_factory):
 def test_finetune_91_classes_into_5(own_data, coco_checkpoint, tmp_path):
     out = tmp_path / "out"
     # lr 0: the saved weights are those loaded at the start
-    run_main(*TINY, *RPE, *own_data, "--finetune", coco_checkpoint, "--num_queries", 4, "--lr", 0,
-             "--lr_backbone", 0, "--output_dir", out, "--epochs", 1, "--batch_size", 2)
+    command = [*TINY, *RPE, *own_data, "--finetune", coco_checkpoint, "--num_queries", 4, "--lr", 0,
+               "--lr_backbone", 0, "--output_dir", out, "--epochs", 1, "--batch_size", 2]
+    run_main(*command)
     log = (out / "run.log").read_text()
     line = re.search(r"fine-tuning from .*coco91\.pth: (\d+) tensors loaded; (\d+) re-initialised "
                      r"\(the file's are skipped\): (.*)", log)
@@ -175,6 +176,13 @@ def test_finetune_91_classes_into_5(own_data, coco_checkpoint, tmp_path):
         else:
             assert torch.equal(tensor, file_state[name]), name
     assert checkpoint["epoch"] == 0 and checkpoint["args"].num_classes == 5
+
+    # the same command with --auto_resume continues the run's own checkpoint, not the file
+    run_main(*command, "--auto_resume")
+    log = (out / "run.log").read_text()
+    assert "gave this run its first start only: continuing from" in log
+    assert "resumed from" in log.split("first start only")[1]
+    assert log.count("fine-tuning from") == 1
 
 
 def test_finetune_keeps_matching_queries_and_checks_the_architecture(coco_checkpoint):

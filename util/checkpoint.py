@@ -12,6 +12,8 @@ import urllib.request
 import numpy as np
 import torch
 
+from util.interrupt import signals_deferred
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read, or does not fit the model."""
@@ -72,16 +74,18 @@ def load_checkpoint(path_or_url):
 def save_atomic(obj, path):
     """torch.save to a temporary file beside `path`, then rename it over `path`.
 
-    A crash while saving leaves the previous file as it was.
+    A crash while saving leaves the previous file as it was; SIGTERM, SIGINT and the Slurm
+    signals that arrive meanwhile take effect once the new file is in place.
     """
     path = str(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with signals_deferred():
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

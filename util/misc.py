@@ -129,6 +129,31 @@ def distributed_env(local_rank_arg=None):
     return None
 
 
+def restart_store(world_size):
+    """Under torchrun, a key space in the agent's store of this restart of the group, else None.
+
+    The agent keeps one store for all restarts; a process group joined through env:// would find
+    there the addresses the workers of the previous attempt left, and could wait on a dead one.
+    """
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in env:
+        return None
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world_size, is_master=False,
+                          timeout=dist.constants.default_pg_timeout)
+    return dist.PrefixStore(f"detr/attempt_{env['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
+def num_nodes():
+    """How many machines the run spans, as the launcher says (1 when it says nothing)."""
+    env = os.environ
+    for name in ("GROUP_WORLD_SIZE", "SLURM_JOB_NUM_NODES", "SLURM_NNODES"):  # torchrun, Slurm
+        if env.get(name):
+            return int(env[name])
+    if env.get("LOCAL_WORLD_SIZE"):
+        return max(get_world_size() // int(env["LOCAL_WORLD_SIZE"]), 1)
+    return 1
+
+
 # ----------------------------------------------------------------------------------------------
 # Metric logging
 
