@@ -2,11 +2,13 @@
 encoding."""
 import os
 import urllib.error
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch import nn
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
 
 from util.misc import NestedTensor
 
@@ -40,25 +42,6 @@ class FrozenBatchNorm2d(nn.Module):
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
-class ResNetBody(nn.Module):
-    """The ResNet stem and stages, returning the outputs of the stages asked for."""
-
-    def __init__(self, resnet, return_layers=("layer4",)):
-        super().__init__()
-        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
-            setattr(self, name, getattr(resnet, name))
-        self.return_layers = tuple(return_layers)
-
-    def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        out = {}
-        for name in ("layer1", "layer2", "layer3", "layer4"):
-            x = getattr(self, name)(x)
-            if name in self.return_layers:
-                out[name] = x
-        return out
 
 
 class BackboneWeightsError(RuntimeError):
@@ -107,11 +90,43 @@ def load_backbone_weights(resnet, name, weights):
     resnet.load_state_dict(state_dict, strict=False)
 
 
-class Backbone(nn.Module):
-    """A ResNet with frozen batch norm. Only layer2..layer4 train, and only if train_backbone."""
+class BackboneBase(nn.Module):
+    """A torchvision ResNet cut after layer4, returning {layer name: NestedTensor} of layer4 (or of
+    layer1..layer4 with return_interm_layers), each with the padding mask resized to it.
 
-    def __init__(self, name, train_backbone, return_interm_layers, dilation, weights="none"):
+    Only layer2..layer4 train, and only if train_backbone.
+    """
+
+    def __init__(self, backbone: nn.Module, train_backbone: bool, num_channels: int,
+                 return_interm_layers: bool):
         super().__init__()
+        for name, parameter in backbone.named_parameters():
+            parameter.requires_grad_(train_backbone and name.startswith(("layer2", "layer3", "layer4")))
+        if return_interm_layers:
+            self.strides, layers = [4, 8, 16, 32], ["layer1", "layer2", "layer3", "layer4"]
+        else:
+            self.strides, layers = [32], ["layer4"]
+        self.body = IntermediateLayerGetter(backbone, return_layers={name: name for name in layers})
+        self.num_channels = num_channels
+
+    def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
+        mask = tensor_list.mask
+        if mask is None:
+            raise ValueError("the backbone needs the padding mask of the NestedTensor")
+        out: Dict[str, NestedTensor] = {}
+        for name, x in self.body(tensor_list.tensors).items():
+            resized = F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
+            out[name] = NestedTensor(x, resized)
+        return out
+
+
+class Backbone(BackboneBase):
+    """A ResNet with frozen batch norm, by torchvision name. weights: 'none' (random start, the
+    default), 'imagenet' (torchvision's ImageNet weights, downloaded once) or the path of a
+    torchvision ResNet state dict."""
+
+    def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
+                 weights: str = "none"):
         if name not in RESNETS:
             raise ValueError(f"unknown --backbone {name!r}; expected one of {', '.join(RESNETS)}")
         if dilation and name in ("resnet18", "resnet34"):
@@ -120,22 +135,8 @@ class Backbone(nn.Module):
             weights=None, replace_stride_with_dilation=[False, False, dilation],
             norm_layer=FrozenBatchNorm2d)
         load_backbone_weights(resnet, name, weights)
-        for param_name, param in resnet.named_parameters():
-            trainable = train_backbone and param_name.startswith(("layer2", "layer3", "layer4"))
-            param.requires_grad_(trainable)
-        if return_interm_layers:
-            self.strides, return_layers = [4, 8, 16, 32], ("layer1", "layer2", "layer3", "layer4")
-        else:
-            self.strides, return_layers = [32], ("layer4",)
-        self.body = ResNetBody(resnet, return_layers)
-        self.num_channels = 512 if name in ("resnet18", "resnet34") else 2048
-
-    def forward(self, tensor_list):
-        out = {}
-        for name, x in self.body(tensor_list.tensors).items():
-            mask = F.interpolate(tensor_list.mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
-            out[name] = NestedTensor(x, mask)
-        return out
+        num_channels = 512 if name in ("resnet18", "resnet34") else 2048
+        super().__init__(resnet, train_backbone, num_channels, return_interm_layers)
 
 
 @torch.no_grad()
@@ -167,7 +168,7 @@ class Joiner(nn.Sequential):
         super().__init__(backbone, position_embedding)
         self.num_channels = backbone.num_channels
 
-    def forward(self, tensor_list):
+    def forward(self, tensor_list: NestedTensor) -> Tuple[List[NestedTensor], List[Tensor]]:
         features = list(self[0](tensor_list).values())
         pos = [self[1](x).to(x.tensors.dtype) for x in features]
         return features, pos

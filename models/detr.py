@@ -1,7 +1,9 @@
 """The DETR detector, its set criterion and its post-processing."""
+from typing import Dict, List, Union
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from util import box_ops
 from util.misc import (NestedTensor, accuracy, get_world_size, is_dist_avail_and_initialized,
@@ -27,20 +29,25 @@ class DETR(nn.Module):
         self.backbone = backbone
         self.aux_loss = aux_loss
 
-    def forward(self, samples):
-        """samples: a NestedTensor (images (B, 3, H, W), mask (B, H, W)) or a list of (3, H, W).
+    def forward(self, samples: Union[NestedTensor, Tensor, List[Tensor]]
+                ) -> Dict[str, Union[Tensor, List[Dict[str, Tensor]]]]:
+        """samples: a NestedTensor (images (B, 3, H, W), mask (B, H, W) True on padding), a batch
+        (B, 3, H, W) without padding, or a list of (3, H, W) images of any sizes.
 
         Returns 'pred_logits' (B, Q, num_classes + 1), 'pred_boxes' (B, Q, 4) normalised cxcywh,
         and with aux_loss 'aux_outputs', the same for every decoder layer but the last.
         """
         if not isinstance(samples, NestedTensor):
-            samples = nested_tensor_from_tensor_list(list(samples))
+            samples = nested_tensor_from_tensor_list(samples)
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()
+        if mask is None:
+            raise ValueError("DETR needs the padding mask of the NestedTensor")
         hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]
         outputs_class = self.class_embed(hs)
         outputs_coord = self.bbox_embed(hs).sigmoid()
-        out = {"pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
+        out: Dict[str, Union[Tensor, List[Dict[str, Tensor]]]] = {
+            "pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
         if self.aux_loss:
             out["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b}
                                   for c, b in zip(outputs_class[:-1], outputs_coord[:-1])]
@@ -156,7 +163,7 @@ class MLP(nn.Module):
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
         self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims, dims[1:] + [output_dim]))
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:

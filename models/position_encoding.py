@@ -2,7 +2,9 @@
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from util.misc import NestedTensor
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -22,8 +24,11 @@ class PositionEmbeddingSine(nn.Module):
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
 
-    def forward(self, tensor_list):
-        not_mask = ~tensor_list.mask
+    def forward(self, tensor_list: NestedTensor) -> Tensor:
+        mask = tensor_list.mask
+        if mask is None:
+            raise ValueError("PositionEmbeddingSine needs the padding mask of the NestedTensor")
+        not_mask = ~mask
         y_embed = not_mask.cumsum(1, dtype=torch.float32)
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
@@ -49,7 +54,7 @@ class PositionEmbeddingLearned(nn.Module):
         nn.init.uniform_(self.row_embed.weight)
         nn.init.uniform_(self.col_embed.weight)
 
-    def forward(self, tensor_list):
+    def forward(self, tensor_list: NestedTensor) -> Tensor:
         x = tensor_list.tensors
         height, width = x.shape[-2:]
         if height > self.row_embed.num_embeddings or width > self.col_embed.num_embeddings:

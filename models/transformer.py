@@ -5,15 +5,16 @@ attention layer, the decoder returns the (normalised) output of every layer, and
 self-attention takes relative position encodings over the h x w feature map.
 """
 import copy
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from .rpe_attention import RPEMultiheadAttention, parse_rpe_string
 
 
-def _with_pos(x, pos):
+def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
     return x if pos is None else x + pos
 
 
@@ -32,7 +33,8 @@ class TransformerEncoderLayer(nn.Module):
         self.activation = _get_activation_fn(activation)
         self.normalize_before = normalize_before
 
-    def _attend(self, x, src_mask, src_key_padding_mask, pos, hw):
+    def _attend(self, x: Tensor, src_mask: Optional[Tensor], src_key_padding_mask: Optional[Tensor],
+                pos: Optional[Tensor], hw: Optional[Tuple[int, int]]) -> Tensor:
         q = k = _with_pos(x, pos)
         return self.self_attn(q, k, value=x, attn_mask=src_mask,
                               key_padding_mask=src_key_padding_mask, need_weights=False, hw=hw)[0]
@@ -40,7 +42,9 @@ class TransformerEncoderLayer(nn.Module):
     def _feedforward(self, x):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
-    def forward(self, src, src_mask=None, src_key_padding_mask=None, pos=None, hw=None):
+    def forward(self, src: Tensor, src_mask: Optional[Tensor] = None,
+                src_key_padding_mask: Optional[Tensor] = None, pos: Optional[Tensor] = None,
+                hw: Optional[Tuple[int, int]] = None) -> Tensor:
         if self.normalize_before:
             src = src + self.dropout1(self._attend(self.norm1(src), src_mask, src_key_padding_mask, pos, hw))
             return src + self.dropout2(self._feedforward(self.norm2(src)))
@@ -66,12 +70,15 @@ class TransformerDecoderLayer(nn.Module):
         self.activation = _get_activation_fn(activation)
         self.normalize_before = normalize_before
 
-    def _self_attend(self, x, mask, key_padding_mask, query_pos):
+    def _self_attend(self, x: Tensor, mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                     query_pos: Optional[Tensor]) -> Tensor:
         q = k = _with_pos(x, query_pos)
         return self.self_attn(q, k, value=x, attn_mask=mask, key_padding_mask=key_padding_mask,
                               need_weights=False)[0]
 
-    def _cross_attend(self, x, memory, mask, key_padding_mask, pos, query_pos):
+    def _cross_attend(self, x: Tensor, memory: Tensor, mask: Optional[Tensor],
+                      key_padding_mask: Optional[Tensor], pos: Optional[Tensor],
+                      query_pos: Optional[Tensor]) -> Tensor:
         return self.multihead_attn(query=_with_pos(x, query_pos), key=_with_pos(memory, pos),
                                    value=memory, attn_mask=mask, key_padding_mask=key_padding_mask,
                                    need_weights=False)[0]
@@ -79,8 +86,10 @@ class TransformerDecoderLayer(nn.Module):
     def _feedforward(self, x):
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
-    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                memory_key_padding_mask=None, pos=None, query_pos=None):
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
+                memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
+                memory_key_padding_mask: Optional[Tensor] = None, pos: Optional[Tensor] = None,
+                query_pos: Optional[Tensor] = None) -> Tensor:
         if self.normalize_before:
             tgt = tgt + self.dropout1(self._self_attend(self.norm1(tgt), tgt_mask,
                                                         tgt_key_padding_mask, query_pos))
@@ -101,7 +110,9 @@ class TransformerEncoder(nn.Module):
         self.num_layers = num_layers
         self.norm = norm
 
-    def forward(self, src, mask=None, src_key_padding_mask=None, pos=None, hw=None):
+    def forward(self, src: Tensor, mask: Optional[Tensor] = None,
+                src_key_padding_mask: Optional[Tensor] = None, pos: Optional[Tensor] = None,
+                hw: Optional[Tuple[int, int]] = None) -> Tensor:
         output = src
         for layer in self.layers:
             output = layer(output, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
@@ -117,11 +128,13 @@ class TransformerDecoder(nn.Module):
         self.norm = norm
         self.return_intermediate = return_intermediate
 
-    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                memory_key_padding_mask=None, pos=None, query_pos=None):
+    def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
+                memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
+                memory_key_padding_mask: Optional[Tensor] = None, pos: Optional[Tensor] = None,
+                query_pos: Optional[Tensor] = None) -> Tensor:
         """Returns (num_layers, Q, B, C) if return_intermediate, else (1, Q, B, C); normalised."""
         output = tgt
-        intermediate = []
+        intermediate: List[Tensor] = []
         for layer in self.layers:
             output = layer(output, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
                            tgt_key_padding_mask=tgt_key_padding_mask,
@@ -135,10 +148,16 @@ class TransformerDecoder(nn.Module):
 
 
 class Transformer(nn.Module):
+    """DETR's transformer. rpe_config: the encoder's iRPE, as an `--enc_rpe2d` string (e.g.
+    "rpe-2.0-product-ctx-1-k") or an irpe.RPEConfigs; None or "" (the default) is DETR's plain
+    attention."""
+
     def __init__(self, d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
                  dim_feedforward=2048, dropout=0.1, activation="relu", normalize_before=False,
                  return_intermediate_dec=False, rpe_config=None):
         super().__init__()
+        if isinstance(rpe_config, str):
+            rpe_config = parse_rpe_string(rpe_config)
         encoder_layer = TransformerEncoderLayer(d_model, nhead, dim_feedforward, dropout, activation,
                                                 normalize_before, rpe_config=rpe_config)
         encoder_norm = nn.LayerNorm(d_model) if normalize_before else None
@@ -157,7 +176,8 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def forward(self, src, mask, query_embed, pos_embed):
+    def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor,
+                pos_embed: Tensor) -> Tuple[Tensor, Tensor]:
         """src (B, C, H, W), mask (B, H, W) True on padding, query_embed (Q, C), pos_embed like src.
 
         Returns (decoder outputs (layers, B, Q, C), memory (B, C, H, W)).

@@ -14,7 +14,10 @@ Its transpose sums a (B, H, Lq, Lk) tensor into buckets:
 It is the gradient of rpe_index and also the forward of the value path of
 iRPE.  Both functions are differentiable (each is the other's gradient), are
 registered as the operators torch.ops.rpe_ops.rpe_index and
-torch.ops.rpe_ops.rpe_index_backward, and work under torch.compile.
+torch.ops.rpe_ops.rpe_index_backward, and work under torch.compile and from
+TorchScript.  Under torch.export they are written as torch.gather /
+scatter_add instead, so that exported programs and ONNX files need only
+standard operators.
 
 They run on the compiled extension (rpe_ops._C: CPU and, when built with a
 CUDA toolkit, CUDA kernels) if it can be loaded, and otherwise on a
@@ -166,6 +169,14 @@ torch.library.register_autograd("rpe_ops::rpe_index_backward", _rpe_index_backwa
                                 setup_context=_rpe_index_backward_setup_context)
 
 
+# Under torch.export (and so the ONNX exporter) the operators are written as the standard ops of
+# the fallback (gather / scatter_add), so that an exported program needs neither this package nor
+# a custom ONNX domain; eager runs, torch.compile and TorchScript call the registered operators.
+@torch.jit.unused
+def _exporting() -> bool:
+    return torch.compiler.is_exporting()
+
+
 def rpe_index(input: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Bucket lookup: out[b, h, i, j] = input[b, h, i, index[i, j]].
 
@@ -178,6 +189,8 @@ def rpe_index(input: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         A contiguous (B, H, Lq, Lk) tensor of input's dtype.  Differentiable
         with respect to input (the gradient is rpe_index_backward).
     """
+    if not torch.jit.is_scripting() and _exporting():
+        return _fallback.lookup(input, index)
     return torch.ops.rpe_ops.rpe_index(input, index)
 
 
@@ -195,6 +208,8 @@ def rpe_index_backward(grad_output: torch.Tensor, index: torch.Tensor, num_bucke
         (float16 / bfloat16 are accumulated in float32).  Differentiable with
         respect to grad_output (the gradient is rpe_index).
     """
+    if not torch.jit.is_scripting() and _exporting():
+        return _fallback.bucket_sum(grad_output, index, num_buckets)
     return torch.ops.rpe_ops.rpe_index_backward(grad_output, index, num_buckets)
 
 

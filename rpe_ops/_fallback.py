@@ -61,14 +61,30 @@ def _range_check_wanted(index):
     return index.device.type == "cpu" or os.environ.get("RPE_OPS_CHECK_INDEX", "") not in ("", "0")
 
 
+def lookup(input, index):
+    """out[b, h, i, j] = input[b, h, i, index[i, j]] with torch.gather, unchecked: standard ops
+    only, so that torch.export and the ONNX exporter (GatherElements) take it as it is."""
+    batch, heads, lq, _ = input.shape
+    return torch.gather(input, -1, index.long().expand(batch, heads, lq, index.shape[1]))
+
+
+def bucket_sum(grad_output, index, num_buckets):
+    """The transpose of `lookup` with scatter_add (ONNX ScatterElements, reduction add), unchecked;
+    float16 / bfloat16 are accumulated in float32."""
+    batch, heads, lq, lk = grad_output.shape
+    acc_dtype = torch.float32 if grad_output.dtype in (torch.float16, torch.bfloat16) else grad_output.dtype
+    out = grad_output.new_zeros((batch, heads, lq, num_buckets), dtype=acc_dtype)
+    out.scatter_add_(-1, index.long().expand(batch, heads, lq, lk), grad_output.to(acc_dtype))
+    return out.to(grad_output.dtype)
+
+
 def rpe_index(input, index):
     """out[b, h, i, j] = input[b, h, i, index[i, j]], via torch.gather."""
     check_rpe_index_args(input, index)
     batch, heads, lq, num_buckets = input.shape
     if _range_check_wanted(index) and batch * heads * lq > 0:
         check_index_range("rpe_index", index, num_buckets)
-    expanded = index.long().expand(batch, heads, lq, index.shape[1])
-    return torch.gather(input, -1, expanded).contiguous()
+    return lookup(input, index).contiguous()
 
 
 def rpe_index_backward(grad_output, index, num_buckets):
@@ -78,7 +94,4 @@ def rpe_index_backward(grad_output, index, num_buckets):
     batch, heads, lq, lk = grad_output.shape
     if _range_check_wanted(index) and batch * heads * lq * num_buckets > 0:
         check_index_range("rpe_index_backward", index, num_buckets)
-    acc_dtype = torch.float32 if grad_output.dtype in (torch.float16, torch.bfloat16) else grad_output.dtype
-    out = grad_output.new_zeros((batch, heads, lq, num_buckets), dtype=acc_dtype)
-    out.scatter_add_(-1, index.long().expand(batch, heads, lq, lk), grad_output.to(acc_dtype))
-    return out.to(grad_output.dtype)
+    return bucket_sum(grad_output, index, num_buckets)

@@ -4,9 +4,12 @@ import logging
 import os
 import time
 from collections import defaultdict, deque
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
+from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
@@ -15,42 +18,66 @@ logger = logging.getLogger(__name__)
 # Batching
 
 class NestedTensor:
-    """A padded batch of images `tensors` (B, C, H, W) with `mask` (B, H, W), True on padding."""
+    """A padded batch of images `tensors` (B, C, H, W) with `mask` (B, H, W), True on padding.
 
-    def __init__(self, tensors, mask):
+    Scriptable (a TorchScript class) and a pytree node, so that `torch.export` and the ONNX
+    exporter take it as a model input: it flattens to (tensors, mask).
+    """
+
+    def __init__(self, tensors: Tensor, mask: Optional[Tensor]):
         self.tensors = tensors
         self.mask = mask
 
-    def to(self, device, non_blocking=False):
-        mask = None if self.mask is None else self.mask.to(device, non_blocking=non_blocking)
+    def to(self, device: torch.device, non_blocking: bool = False) -> "NestedTensor":
+        mask = self.mask
+        if mask is not None:
+            mask = mask.to(device, non_blocking=non_blocking)
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
 
-    def decompose(self):
+    def decompose(self) -> Tuple[Tensor, Optional[Tensor]]:
         return self.tensors, self.mask
 
-    def __repr__(self):
-        return f"NestedTensor(tensors={tuple(self.tensors.shape)}, mask={self.mask is not None})"
+    def __repr__(self) -> str:
+        return f"NestedTensor(tensors={self.tensors.shape}, mask={self.mask is not None})"
 
 
-def nested_tensor_from_tensor_list(tensor_list):
+def _nested_tensor_children(x):
+    return [(pytree.GetAttrKey("tensors"), x.tensors), (pytree.GetAttrKey("mask"), x.mask)], None
+
+
+pytree.register_pytree_node(
+    NestedTensor, lambda x: ([x.tensors, x.mask], None), lambda children, _: NestedTensor(*children),
+    serialized_type_name="util.misc.NestedTensor", flatten_with_keys_fn=_nested_tensor_children)
+# torch.export.save keeps the example inputs; torch.export.load reads them with weights_only
+torch.serialization.add_safe_globals([NestedTensor])
+
+
+def nested_tensor_from_tensor_list(tensor_list: Union[Tensor, List[Tensor]]) -> NestedTensor:
     """Pad a list of (C, H_i, W_i) images bottom/right to their largest H and W.
 
-    Returns a NestedTensor whose mask is True on the padded pixels.
+    Returns a NestedTensor whose mask is True on the padded pixels. A (B, C, H, W) tensor is a
+    batch without padding: its mask is all False.
     """
+    if isinstance(tensor_list, Tensor):
+        if tensor_list.dim() != 4:
+            raise ValueError(f"expected a batch of images (B, C, H, W) or a list of (C, H, W) "
+                             f"images, got a tensor of shape {tensor_list.shape}")
+        batch, height, width = tensor_list.shape[0], tensor_list.shape[2], tensor_list.shape[3]
+        return NestedTensor(tensor_list, torch.zeros((batch, height, width), dtype=torch.bool,
+                                                     device=tensor_list.device))
     if len(tensor_list) == 0:
         raise ValueError("nested_tensor_from_tensor_list needs at least one image")
-    if any(t.dim() != 3 for t in tensor_list):
-        shapes = [tuple(t.shape) for t in tensor_list]
-        raise ValueError(f"expected images of shape (C, H, W), got shapes {shapes}")
-    channels = tensor_list[0].shape[0]
-    height = max(t.shape[1] for t in tensor_list)
-    width = max(t.shape[2] for t in tensor_list)
+    for t in tensor_list:
+        if t.dim() != 3:
+            raise ValueError(f"expected images of shape (C, H, W), got one of shape {t.shape}")
     first = tensor_list[0]
-    tensors = first.new_zeros((len(tensor_list), channels, height, width))
+    height = max([t.shape[1] for t in tensor_list])
+    width = max([t.shape[2] for t in tensor_list])
+    tensors = first.new_zeros((len(tensor_list), first.shape[0], height, width))
     mask = torch.ones((len(tensor_list), height, width), dtype=torch.bool, device=first.device)
-    for img, padded, m in zip(tensor_list, tensors, mask):
-        padded[:, : img.shape[1], : img.shape[2]].copy_(img)
-        m[: img.shape[1], : img.shape[2]] = False
+    for i, img in enumerate(tensor_list):
+        tensors[i, :, : img.shape[1], : img.shape[2]].copy_(img)
+        mask[i, : img.shape[1], : img.shape[2]] = False
     return NestedTensor(tensors, mask)
 
 

@@ -25,10 +25,10 @@ Typical use in a model of your own::
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 # rpe_ops runs the compiled lookup kernels when built, and the same lookups in plain PyTorch
 # (gather / scatter_add) otherwise
@@ -36,8 +36,6 @@ from rpe_ops import rpe_index, rpe_index_backward
 
 METHODS = ("euc", "quant", "cross", "product")
 MODES = ("bias", "ctx")
-# Methods that one table encodes; `cross` is a pair of them, one for rows and one for columns.
-_TABLE_METHODS = ("euc", "quant", "cross_rows", "cross_cols", "product")
 
 RPE_STRING_GRAMMAR = (
     "expected 'rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}' (or '' for no iRPE): "
@@ -50,7 +48,7 @@ RPE_STRING_GRAMMAR = (
 # ----------------------------------------------------------------------------------------------
 # Bucket arithmetic
 
-def piecewise_index(relative_position, alpha, beta, gamma):
+def piecewise_index(relative_position: Tensor, alpha: float, beta: float, gamma: float) -> Tensor:
     """The piecewise index g(x) of the paper (Eq. 18), as int64.
 
     |x| <= alpha is kept (rounded); beyond, the distance grows logarithmically up to beta:
@@ -65,33 +63,31 @@ def piecewise_index(relative_position, alpha, beta, gamma):
     return torch.where(x_abs <= alpha, x.round(), far).to(torch.int64)
 
 
-def _relative_offsets(height, width):
+def _relative_offsets(height: int, width: int, device: Optional[torch.device]) -> Tuple[Tensor, Tensor]:
     """(dr, dc) = pos(i) - pos(j) for all pairs of the row-major flattened map, each (L, L)."""
-    rows = torch.arange(height).repeat_interleave(width)
-    cols = torch.arange(width).repeat(height)
+    rows = torch.arange(height, device=device)[:, None].expand(height, width).reshape(-1)
+    cols = torch.arange(width, device=device)[None, :].expand(height, width).reshape(-1)
     return rows[:, None] - rows[None, :], cols[:, None] - cols[None, :]
 
 
-def num_buckets_of(method, ratio, skip=0):
+def num_buckets_of(method: str, ratio: float, skip: int = 0) -> int:
     """Number of buckets (table entries) of one table for `method` at `ratio`."""
     side = 2 * int(2 * ratio) + 1
     count = side * side if method == "product" else side
     return count + (1 if skip > 0 else 0)
 
 
-@functools.lru_cache(maxsize=128)
-def bucket_ids(method, ratio, height, width, skip=0, device=None):
+def compute_bucket_ids(method: str, ratio: float, height: int, width: int, skip: int = 0,
+                       device: Optional[torch.device] = None) -> Tensor:
     """Bucket id of every (query, key) pair of an h x w map, preceded by `skip` extra tokens.
 
     Returns an int64 tensor (L, L), L = skip + height * width, with ids in [0, num_buckets). The
-    skip tokens (a class token, say) all use the one extra last bucket. The result is cached per
-    (method, ratio, map size, skip, device) and shared: do not modify it in place.
+    skip tokens (a class token, say) all use the one extra last bucket. Tensor ops only, so that
+    TorchScript compiles it and torch.export traces it with a symbolic map size.
     """
-    if method not in _TABLE_METHODS:
-        raise ValueError(f"unknown iRPE bucket method {method!r}; expected one of {_TABLE_METHODS}")
     alpha, beta, gamma = 1 * ratio, 2 * ratio, 8 * ratio
     beta_int = int(beta)
-    dr, dc = _relative_offsets(height, width)
+    dr, dc = _relative_offsets(height, width, device)
     if method == "euc":
         ids = piecewise_index(torch.sqrt((dr * dr + dc * dc).float()).round(), alpha, beta, gamma)
     elif method == "quant":
@@ -100,15 +96,27 @@ def bucket_ids(method, ratio, height, width, skip=0, device=None):
         ids = piecewise_index(dr, alpha, beta, gamma)
     elif method == "cross_cols":
         ids = piecewise_index(dc, alpha, beta, gamma)
-    else:  # product
+    elif method == "product":
         ids = (piecewise_index(dr, alpha, beta, gamma) + beta_int) * (2 * beta_int + 1)
         ids = ids + piecewise_index(dc, alpha, beta, gamma)
+    else:
+        raise ValueError(f"unknown iRPE bucket method {method}; expected euc, quant, cross_rows, "
+                         f"cross_cols or product")
     ids = ids + beta_int  # shift into [0, num_buckets); product: the column's shift
     if skip > 0:
-        extra = num_buckets_of(method, ratio, 0)
-        padded = torch.full((skip + height * width,) * 2, extra, dtype=torch.int64)
+        length = skip + height * width
+        padded = torch.full((length, length), num_buckets_of(method, ratio, 0), dtype=torch.int64,
+                            device=device)
         padded[skip:, skip:] = ids
         ids = padded
+    return ids
+
+
+@functools.lru_cache(maxsize=128)
+def bucket_ids(method, ratio, height, width, skip=0, device=None):
+    """`compute_bucket_ids`, computed on the CPU and cached per (method, ratio, map size, skip,
+    device). The result is shared: do not modify it in place."""
+    ids = compute_bucket_ids(method, ratio, height, width, skip)
     return ids if device is None else ids.to(device)
 
 
@@ -212,34 +220,54 @@ class iRPE(nn.Module):
         self.transposed = transposed
         self.num_buckets = num_buckets_of(self.method, self.ratio, self.skip)
         heads = 1 if config.shared_head else num_heads
+        if self.mode == "bias" and not transposed:
+            raise ValueError("iRPE in bias mode cannot encode v")
+        # both names exist, the unused one as None, so that TorchScript sees the mode in the types
+        bias = weight = None
         if self.mode == "bias":
-            if not transposed:
-                raise ValueError("iRPE in bias mode cannot encode v")
-            self.lookup_table_bias = nn.Parameter(torch.zeros(heads, self.num_buckets))
+            bias = nn.Parameter(torch.zeros(heads, self.num_buckets))
         elif transposed:
-            self.lookup_table_weight = nn.Parameter(torch.zeros(heads, head_dim, self.num_buckets))
+            weight = nn.Parameter(torch.zeros(heads, head_dim, self.num_buckets))
         else:
-            self.lookup_table_weight = nn.Parameter(torch.zeros(heads, self.num_buckets, head_dim))
+            weight = nn.Parameter(torch.zeros(heads, self.num_buckets, head_dim))
+        self.register_parameter("lookup_table_bias", bias)
+        self.register_parameter("lookup_table_weight", weight)
 
-    def bucket_ids(self, length, height, width, device):
-        if height is None or width is None:
-            side = math.isqrt(max(length - self.skip, 0))
+    def bucket_ids(self, length: int, height: Optional[int], width: Optional[int],
+                   device: torch.device) -> Tensor:
+        if height is not None and width is not None:
+            h, w = height, width
+        else:
+            side = int(math.sqrt(max(length - self.skip, 0)) + 0.5)
             if side * side != length - self.skip:
                 raise ValueError(f"iRPE needs the map size (height, width) for {length} tokens "
                                  f"({self.skip} skip): pass hw=(h, w)")
-            height = width = side
-        if height * width + self.skip != length:
-            raise ValueError(f"iRPE got {length} tokens, but a {height}x{width} map with "
-                             f"{self.skip} skip tokens has {height * width + self.skip}")
+            h, w = side, side
+        if h * w + self.skip != length:
+            raise ValueError(f"iRPE got {length} tokens, but a {h}x{w} map with "
+                             f"{self.skip} skip tokens has {h * w + self.skip}")
+        if torch.jit.is_scripting():
+            return compute_bucket_ids(self.method, self.ratio, h, w, self.skip, device)
+        return self._eager_bucket_ids(h, w, device)
+
+    @torch.jit.unused
+    def _eager_bucket_ids(self, height: int, width: int, device: torch.device) -> Tensor:
+        if torch.compiler.is_compiling():
+            # traced (torch.export, torch.compile): the ids become ops on the map size, which may
+            # be symbolic; the cache, keyed on ints, would fix the graph to one size
+            return compute_bucket_ids(self.method, self.ratio, height, width, self.skip, device)
         return bucket_ids(self.method, self.ratio, int(height), int(width), self.skip, device)
 
-    def forward(self, x, height=None, width=None):
+    def forward(self, x: Tensor, height: Optional[int] = None, width: Optional[int] = None) -> Tensor:
         ids = self.bucket_ids(x.shape[2], height, width, x.device)
-        if self.mode == "bias":
-            return self.lookup_table_bias[:, ids].unsqueeze(0)
+        bias, weight = self.lookup_table_bias, self.lookup_table_weight
+        if bias is not None:
+            return bias[:, ids].unsqueeze(0)
+        if weight is None:
+            raise RuntimeError("iRPE: no lookup table")
         if self.transposed:
-            return rpe_index(torch.matmul(x, self.lookup_table_weight), ids)
-        return torch.matmul(rpe_index_backward(x, ids, self.num_buckets), self.lookup_table_weight)
+            return rpe_index(torch.matmul(x, weight), ids)
+        return torch.matmul(rpe_index_backward(x, ids, self.num_buckets), weight)
 
     def extra_repr(self):
         return (f"method={self.method}, mode={self.mode}, ratio={self.ratio}, "
@@ -254,7 +282,7 @@ class iRPECross(nn.Module):
         self.rp_rows = iRPE(head_dim, num_heads, config, transposed, method="cross_rows")
         self.rp_cols = iRPE(head_dim, num_heads, config, transposed, method="cross_cols")
 
-    def forward(self, x, height=None, width=None):
+    def forward(self, x: Tensor, height: Optional[int] = None, width: Optional[int] = None) -> Tensor:
         return self.rp_rows(x, height, width) + self.rp_cols(x, height, width)
 
 

@@ -1,9 +1,15 @@
-"""RPEMultiheadAttention: nn.MultiheadAttention with iRPE, taking the token map size `hw`."""
+"""RPEMultiheadAttention: nn.MultiheadAttention with iRPE, taking the token map size `hw`.
+
+Shapes: L target length, S source length, N batch, E embedding, H heads, D = E / H head size.
+"""
+from typing import Optional, Tuple
+
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .irpe import build_rpe
-from .rpe_attention_function import rpe_multi_head_attention_forward
+from .rpe_attention_function import apply_masks, merge_heads, split_heads
 
 
 class RPEMultiheadAttention(nn.Module):
@@ -38,20 +44,59 @@ class RPEMultiheadAttention(nn.Module):
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                hw=None, *, average_attn_weights=True):
+    def forward(self, query: Tensor, key: Tensor, value: Tensor,
+                key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
+                attn_mask: Optional[Tensor] = None, hw: Optional[Tuple[int, int]] = None,
+                average_attn_weights: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
         """query (L, N, E), key and value (S, N, E) ((N, L, E) with batch_first).
 
-        Returns (output like query, weights (N, L, S) averaged over heads, or None).
+        key_padding_mask (N, S): True (or -inf) on keys to ignore. attn_mask (L, S) or
+        (N * H, L, S): bool (True = not allowed) or float (added to the logits). hw = (h, w) of the
+        token map the encodings work on. Returns (output like query, weights (N, L, S) averaged
+        over heads, (N, H, L, S) if not average_attn_weights, or None if not need_weights).
+        The order of the terms is the one the published iRPE-DETR checkpoints were trained with.
         """
         if self.batch_first:
-            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-        out, weights = rpe_multi_head_attention_forward(
-            query, key, value, self.num_heads, self.in_proj_weight, self.in_proj_bias,
-            self.out_proj.weight, self.out_proj.bias, dropout_p=self.dropout,
-            training=self.training, key_padding_mask=key_padding_mask, need_weights=need_weights,
-            attn_mask=attn_mask, average_attn_weights=average_attn_weights,
-            rpe_q=self.rpe_q, rpe_k=self.rpe_k, rpe_v=self.rpe_v, hw=hw)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        scaling = self.head_dim ** -0.5
+        height: Optional[int] = None
+        width: Optional[int] = None
+        if hw is not None:
+            height, width = hw[0], hw[1]
+
+        # 1. projections; q is scaled before anything uses it
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q: Optional[Tensor] = None
+        b_k: Optional[Tensor] = None
+        b_v: Optional[Tensor] = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q = split_heads(F.linear(query, w_q, b_q) * scaling, self.num_heads)
+        k = split_heads(F.linear(key, w_k, b_k), self.num_heads)
+        v = split_heads(F.linear(value, w_v, b_v), self.num_heads)
+
+        # 2. logits with the relative position terms: on k from the (scaled) queries, on q from the
+        #    (scaled) keys, transposed to (query, key) order
+        logits = q @ k.transpose(-2, -1)
+        if self.rpe_k is not None:
+            logits = logits + self.rpe_k(q, height, width)
+        if self.rpe_q is not None:
+            logits = logits + self.rpe_q(k * scaling, height, width).transpose(-2, -1)
+
+        # 3. masks
+        logits = apply_masks(logits, attn_mask, key_padding_mask)
+
+        # 4. weights
+        attn = F.dropout(logits.softmax(dim=-1), p=self.dropout, training=self.training)
+
+        # 5. output, with the relative position term on v from the same (dropped-out) weights
+        out = attn @ v
+        if self.rpe_v is not None:
+            out = out + self.rpe_v(attn, height, width)
+        out = self.out_proj(merge_heads(out))
         if self.batch_first:
             out = out.transpose(0, 1)
-        return out, weights
+
+        if not need_weights:
+            return out, None
+        return out, attn.mean(dim=1) if average_attn_weights else attn
