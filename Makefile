@@ -7,11 +7,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= toy_out
 
-# the demo's options (README, "Quick start")
+# the demo's options: the same as README's "Quick start" command (tests/test_main.py checks it)
 DEMO_ARGS = --dataset_file toy --output_dir $(DEMO_OUT) --enc_rpe2d rpe-2.0-product-ctx-1-k \
-    --backbone resnet18 --backbone_weights none --lr 4e-4 --lr_backbone 2e-5 --dropout 0 \
+    --backbone resnet18 --backbone_weights none --lr 4e-4 --lr_backbone 1e-4 --dropout 0 \
     --hidden_dim 128 --nheads 4 --dim_feedforward 256 --enc_layers 2 --dec_layers 2 \
-    --num_queries 10 --batch_size 8 --epochs 8 --lr_drop 6 --num_workers 1
+    --num_queries 8 --batch_size 8 --epochs 15 --lr_drop 11 --num_workers 1
 
 .PHONY: demo test setup rpe_ops clean
 

@@ -32,6 +32,7 @@ from models.rpe_attention.irpe import parse_rpe_string
 from util.checkpoint import (CheckpointError, check_compatible, get_rng_states, load_checkpoint,
                              load_for_finetuning, save_atomic, set_rng_states)
 from util.interrupt import Interrupted, stop_signals_raise
+from util.visualize import write_run_pictures
 
 logger = logging.getLogger("detr")
 
@@ -128,6 +129,12 @@ def get_args_parser():
     parser.add_argument("--eval", action="store_true")
     parser.add_argument("--num_workers", default=2, type=int)
     parser.add_argument("--print_freq", default=10, type=int, help="iterations between log lines")
+
+    # Pictures at the end of a run
+    parser.add_argument("--vis_images", default=8, type=int,
+                        help="validation images drawn with their predictions into "
+                             "OUTPUT_DIR/predictions.png at the end of a run (training runs also plot "
+                             "OUTPUT_DIR/curves.png from log.txt); 0 for no pictures")
 
     # Distributed
     parser.add_argument("--world_size", default=1, type=int, help="number of processes")
@@ -268,6 +275,19 @@ def set_classes(args, dataset):
                          f"{largest + 1} or more, or leave it out to follow the categories")
 
 
+def write_pictures(args, output_dir, model, postprocessors, dataset, coco_api, device, curves):
+    """The end-of-run pictures (util.visualize.write_run_pictures); a failure is logged, not raised:
+    the run's results are saved by then."""
+    class_names = {i: category["name"] for i, category in coco_api.cats.items()}
+    try:
+        written = write_run_pictures(output_dir, model, postprocessors["bbox"], dataset, class_names,
+                                     device, args.vis_images, curves=curves)
+    except (OSError, ValueError, ImportError) as err:
+        logger.warning("could not write the pictures into %s: %s", output_dir, err)
+        return
+    logger.info("pictures: %s", ", ".join(str(p) for p in written))
+
+
 def main(args):
     init_distributed_mode(args)
     if args.output_dir and utils.is_main_process():
@@ -373,6 +393,9 @@ def main(args):
                                               base_ds, device, print_freq=args.print_freq)
         if output_dir and utils.is_main_process():
             save_atomic(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
+            if args.vis_images > 0:
+                write_pictures(args, output_dir, model_without_ddp, postprocessors, dataset_val,
+                               base_ds, device, curves=False)
         return test_stats
 
     logger.info("start training")
@@ -410,6 +433,9 @@ def main(args):
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     logger.info("training time %s", total_time)
+    if output_dir and utils.is_main_process() and args.vis_images > 0:
+        write_pictures(args, output_dir, model_without_ddp, postprocessors, dataset_val, base_ds,
+                       device, curves=True)
     return test_stats
 
 

@@ -4,6 +4,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -245,10 +246,19 @@ def readme_toy_command():
     return shlex.split(command)[1:]
 
 
+def makefile_demo_args():
+    """The Makefile's DEMO_ARGS (continuation lines joined, $(DEMO_OUT) filled in), as a list."""
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        text = f.read().replace("\\\n", " ")
+    variables = dict(re.findall(r"^(\w+)\s*\??=\s*(.*)$", text, flags=re.MULTILINE))
+    return shlex.split(re.sub(r"\$\((\w+)\)", lambda m: variables[m.group(1)], variables["DEMO_ARGS"]))
+
+
 def test_readme_toy_command_runs(tmp_path):
     # the README's command as written, shrunk by options given after it (argparse keeps the last)
     argv = readme_toy_command()
     assert argv[0] == "main.py" and "--epochs" in argv and "--enc_rpe2d" in argv
+    assert makefile_demo_args() == argv[1:], "README's demo command and the Makefile's DEMO_ARGS differ"
     out = tmp_path / "out"
     proc = run_cli(*argv, "--output_dir", out, "--toy_path", tmp_path / "toy", "--toy_num_train", 4,
                    "--toy_num_val", 2, "--epochs", 1, "--batch_size", 2, "--device", "cpu",

@@ -1,0 +1,213 @@
+"""Plots of training runs: losses, class error and AP per epoch (from log.txt), and
+precision-recall curves (from the COCOeval.eval dict saved as eval.pth or eval/latest.pth).
+
+    python -m util.plot_utils OUTPUT_DIR [OUTPUT_DIR ...] --out plots.png
+
+writes plots.png (one line per folder) and, where the folders hold an evaluation file,
+plots_pr.png beside it. In Python: `plot_logs(folders, out)`, `plot_precision_recall(files, out)`.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# panels of plot_logs: (title, log key without the train_/test_ prefix)
+LOG_PANELS = (("loss (weighted sum)", "loss"), ("classification loss", "loss_ce"),
+              ("L1 box loss", "loss_bbox"), ("GIoU loss", "loss_giou"),
+              ("class error (%)", "class_error"))
+# entries of COCOeval.stats (log key test_coco_eval_bbox) drawn in the AP panel
+AP_ENTRIES = (("AP", 0, "-"), ("AP50", 1, "--"), ("AP75", 2, ":"))
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _epoch_axis(ax):
+    from matplotlib.ticker import MaxNLocator
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def read_log(folder):
+    """The per-epoch records of `folder`/log.txt (a JSON object per line), as a list of dicts."""
+    path = Path(folder) / "log.txt"
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; pass the --output_dir of a training run")
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no log.txt; pass the --output_dir of a training run "
+                                f"(log.txt is written after every epoch)")
+    records = []
+    with path.open() as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError as err:
+                raise ValueError(f"{path}, line {number} is not JSON ({err})") from None
+    if not records:
+        raise ValueError(f"{path} is empty: the run has not finished an epoch yet")
+    return records
+
+
+def _column(records, key, path):
+    missing = [r.get("epoch", i) for i, r in enumerate(records) if key not in r]
+    if missing:
+        raise ValueError(f"{path} has no {key!r} at epoch(s) {missing[:5]}; "
+                         f"its keys are {sorted(records[0])}")
+    return [r[key] for r in records]
+
+
+def plot_logs(folders, out, names=None):
+    """One figure of losses, class error and AP per epoch, one colour per folder (train solid,
+    validation dashed); saved to `out` (PNG). Returns `out`."""
+    folders = [Path(f) for f in folders]
+    if not folders:
+        raise ValueError("plot_logs needs at least one folder")
+    names = names or [f.resolve().name or str(f) for f in folders]
+    runs = []  # per folder: epochs, {log key: values}; every file is checked before drawing
+    for folder in folders:
+        records, path = read_log(folder), folder / "log.txt"
+        keys = [f"{split}_{key}" for _, key in LOG_PANELS for split in ("train", "test")]
+        columns = {k: _column(records, k, path) for k in keys + ["test_coco_eval_bbox"]}
+        runs.append((_column(records, "epoch", path), columns))
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), constrained_layout=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, ((epochs, columns), name) in enumerate(zip(runs, names)):
+        colour = colours[i % len(colours)]
+        for (title, key), ax in zip(LOG_PANELS, axes.flat):
+            ax.plot(epochs, columns[f"train_{key}"], "-", color=colour, marker=".", label=f"{name} train")
+            ax.plot(epochs, columns[f"test_{key}"], "--", color=colour, marker=".", label=f"{name} val")
+            ax.set_title(title)
+        stats = np.array(columns["test_coco_eval_bbox"])
+        for label, index, style in AP_ENTRIES:
+            axes.flat[-1].plot(epochs, stats[:, index], style, color=colour, marker=".",
+                               label=f"{name} {label}")
+    axes.flat[-1].set_title("validation box AP")
+    axes.flat[-1].set_ylim(0, 1)
+    for ax in axes.flat:
+        _epoch_axis(ax)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def _safe_numpy_globals():
+    """What a COCOeval.eval dict pickles besides plain containers: numpy arrays and scalars, and
+    pycocotools' Params. Allow-listed, so loading it runs no other code."""
+    from pycocotools.cocoeval import Params
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
+    return [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar, Params, *dtypes]
+
+
+def load_eval(path):
+    """The COCOeval.eval dict saved by main.py (precision (T, R, K, A, M), recall (T, K, A, M),
+    scores, params, ...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; main.py writes eval.pth (with --eval) or "
+                                f"eval/latest.pth (when training) into its --output_dir")
+    try:
+        with torch.serialization.safe_globals(_safe_numpy_globals()):
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 -- every failure here means the same to the user
+        raise ValueError(f"could not read {path} as an evaluation file ({err})") from None
+    if not isinstance(data, dict) or "precision" not in data or "params" not in data:
+        raise ValueError(f"{path} is not a COCOeval.eval dict (no 'precision' and 'params'); "
+                         f"expected eval.pth or eval/latest.pth of a main.py run")
+    return data
+
+
+def precision_recall_curves(data):
+    """The curves of a COCOeval.eval dict: {title: (recall thresholds, precision)}, for all areas
+    and the most detections, averaged over classes at IoU 0.50, at IoU 0.75, and over IoU
+    0.50:0.95. The mean of each curve is the matching COCO AP (AP50, AP75, AP)."""
+    params = data["params"]
+    iou_thresholds = np.asarray(params.iouThrs)
+    # precision is (T, R, K, A, M); area 'all' is index 0, the largest maxDets the last; -1 marks
+    # classes without ground truth, left out of the means as COCOeval does
+    precision = np.asarray(data["precision"])[:, :, :, 0, -1]
+    precision = np.where(precision > -1, precision, np.nan)
+    selections = {}
+    for iou in (0.5, 0.75):
+        t = int(np.argmin(np.abs(iou_thresholds - iou)))
+        selections[f"IoU {iou_thresholds[t]:.2f}"] = precision[t:t + 1]
+    selections["IoU 0.50:0.95 (mean)"] = precision
+    return {title: (np.asarray(params.recThrs), np.nanmean(p, axis=(0, 2)))
+            for title, p in selections.items()}
+
+
+def plot_precision_recall(eval_files, out, names=None):
+    """Precision against recall (see precision_recall_curves) of COCOeval.eval files, one colour
+    per file, a panel per IoU setting; saved to `out` (PNG). Returns `out`."""
+    eval_files = [Path(f) for f in eval_files]
+    if not eval_files:
+        raise ValueError("plot_precision_recall needs at least one evaluation file")
+    names = names or [str(f) for f in eval_files]
+    curves = [precision_recall_curves(load_eval(f)) for f in eval_files]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.8), constrained_layout=True)
+    for file_curves, name in zip(curves, names):
+        for ax, (title, (recall, precision)) in zip(axes, file_curves.items()):
+            ax.plot(recall, precision, label=f"{name} (AP {np.nanmean(precision):.3f})")
+            ax.set_title(f"precision-recall, {title}")
+    for ax in axes:
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", loc="lower left")
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def eval_file_of(folder):
+    """The evaluation file a main.py output folder holds (eval/latest.pth, else eval.pth), or None."""
+    for candidate in (Path(folder) / "eval" / "latest.pth", Path(folder) / "eval.pth"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        "python -m util.plot_utils",
+        description="Plot losses and AP per epoch of main.py output folders (log.txt), and their "
+                    "precision-recall curves (eval/latest.pth or eval.pth) where present.")
+    parser.add_argument("folders", nargs="+", help="--output_dir folders of main.py runs")
+    parser.add_argument("--out", default="plots.png", help="the curves' PNG; the precision-recall "
+                                                           "curves go to OUT_pr.png")
+    parser.add_argument("--names", nargs="+", help="legend names, one per folder (default: folder names)")
+    args = parser.parse_args(argv)
+    if args.names and len(args.names) != len(args.folders):
+        parser.error(f"--names has {len(args.names)} names for {len(args.folders)} folders")
+    names = args.names or [Path(f).resolve().name for f in args.folders]
+    try:
+        written = [plot_logs(args.folders, args.out, names)]
+        with_eval = [(eval_file_of(f), n) for f, n in zip(args.folders, names) if eval_file_of(f)]
+        if with_eval:
+            out = Path(args.out)
+            pr_out = out.with_name(f"{out.stem}_pr{out.suffix or '.png'}")
+            written.append(plot_precision_recall([f for f, _ in with_eval], pr_out,
+                                                 [n for _, n in with_eval]))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,128 @@
+"""Pictures of what a detector sees: validation images with the ground truth beside the
+predicted boxes, class names and scores (drawn with torchvision), laid out in one PNG."""
+import os
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.ops import box_convert
+from torchvision.utils import draw_bounding_boxes, make_grid
+
+from util.misc import nested_tensor_from_tensor_list
+
+# the normalisation of datasets/transforms.py, undone for drawing
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# box colours by category id (cycled); bright, so they stand out on photos and on the toy shapes
+PALETTE = ("yellow", "magenta", "cyan", "orange", "lime", "white", "deepskyblue", "hotpink")
+PADDING = 6
+HEADER = 30
+
+
+def class_colour(category_id):
+    return PALETTE[(int(category_id) - 1) % len(PALETTE)]
+
+
+def _font_file():
+    """A TrueType font for readable labels at any size: matplotlib's DejaVu Sans (None: PIL's
+    small built-in font)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
+    return path if os.path.isfile(path) else None
+
+
+def denormalize(image):
+    """A normalised (3, H, W) float image back to uint8."""
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device)[:, None, None]
+    std = torch.tensor(IMAGENET_STD, device=image.device)[:, None, None]
+    return (image * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+
+def draw_detections(image, boxes, labels, class_names, scores=None, size=256):
+    """`image` (uint8 (3, H, W)) scaled so that its longer side is `size`, with `boxes` (xyxy in
+    the image's pixels) drawn in their class colour and labelled "name" or "name score"."""
+    height, width = image.shape[-2:]
+    factor = size / max(height, width)
+    new_size = [max(1, round(height * factor)), max(1, round(width * factor))]
+    image = TF.resize(image, new_size, antialias=True)
+    if len(boxes) == 0:
+        return image
+    boxes = boxes.detach().float().cpu() * factor
+    texts = [class_names.get(int(label), str(int(label))) for label in labels]
+    if scores is not None:
+        texts = [f"{text} {float(score):.2f}" for text, score in zip(texts, scores)]
+    font = _font_file()
+    return draw_bounding_boxes(image, boxes, texts, colors=[class_colour(label) for label in labels],
+                               width=2, font=font, font_size=max(10, size // 18) if font else None,
+                               fill_labels=True)
+
+
+@torch.no_grad()
+def predict(model, postprocessor, images, device):
+    """Model outputs for a list of normalised images, in each image's pixels (xyxy)."""
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = model(nested_tensor_from_tensor_list([image.to(device) for image in images]))
+    finally:
+        model.train(was_training)
+    sizes = torch.tensor([image.shape[-2:] for image in images], device=device)
+    return postprocessor(outputs, sizes)
+
+
+def _header(width, titles, cell_width, font_size):
+    """A white strip with a title centred above each column of the grid."""
+    strip = Image.new("RGB", (width, HEADER), "white")
+    draw = ImageDraw.Draw(strip)
+    font_file = _font_file()
+    font = ImageFont.truetype(font_file, font_size) if font_file else ImageFont.load_default()
+    for column, title in enumerate(titles):
+        centre = PADDING + column * (cell_width + PADDING) + cell_width / 2
+        draw.text((centre, HEADER / 2), title, fill="black", font=font, anchor="mm")
+    return TF.pil_to_tensor(strip)
+
+
+def predictions_picture(model, postprocessor, dataset, class_names, device, num_images=8,
+                        score_threshold=0.5, size=256, pairs_per_row=2):
+    """The first `num_images` images of `dataset` (items (normalised image, DETR target)), each as
+    the ground truth beside the predictions scoring at least `score_threshold`: uint8 (3, H, W)."""
+    items = [dataset[i] for i in range(min(num_images, len(dataset)))]
+    if not items:
+        raise ValueError("predictions_picture needs a data set with at least one image")
+    results = predict(model, postprocessor, [image for image, _ in items], device)
+    cells = []
+    for (image, target), result in zip(items, results):
+        picture = denormalize(image)
+        height, width = (int(v) for v in target["size"])
+        gt_boxes = box_convert(target["boxes"], "cxcywh", "xyxy") * torch.tensor([width, height] * 2)
+        cells.append(draw_detections(picture, gt_boxes, target["labels"], class_names, size=size))
+        keep = result["scores"] >= score_threshold
+        cells.append(draw_detections(picture, result["boxes"][keep], result["labels"][keep],
+                                     class_names, scores=result["scores"][keep], size=size))
+    # every cell on a common canvas (make_grid needs one size), image at the top left
+    canvas_h, canvas_w = max(c.shape[1] for c in cells), max(c.shape[2] for c in cells)
+    cells = [TF.pad(c, [0, 0, canvas_w - c.shape[2], canvas_h - c.shape[1]], fill=255) for c in cells]
+    columns = 2 * min(pairs_per_row, len(items))
+    grid = make_grid(cells, nrow=columns, padding=PADDING, pad_value=255)
+    titles = ["ground truth", f"predicted (score >= {score_threshold:g})"] * (columns // 2)
+    return torch.cat([_header(grid.shape[2], titles, canvas_w, max(12, size // 16)), grid], dim=1)
+
+
+def save_picture(picture, path):
+    """Write a uint8 (3, H, W) picture as PNG; returns `path`."""
+    TF.to_pil_image(picture).save(path, format="PNG")
+    return path
+
+
+def write_run_pictures(output_dir, model, postprocessor, dataset, class_names, device, num_images=8,
+                       curves=True):
+    """OUTPUT_DIR/predictions.png (see predictions_picture) and, with `curves`, OUTPUT_DIR/curves.png
+    (util.plot_utils.plot_logs of OUTPUT_DIR/log.txt). Returns the paths written."""
+    from util.plot_utils import plot_logs
+    written = [plot_logs([output_dir], os.path.join(output_dir, "curves.png"))] if curves else []
+    picture = predictions_picture(model, postprocessor, dataset, class_names, device, num_images)
+    written.append(save_picture(picture, os.path.join(output_dir, "predictions.png")))
+    return written
