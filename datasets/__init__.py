@@ -1,13 +1,14 @@
 """Data sets for DETR: COCO 2017 detection and a built-in synthetic toy set (same COCO layout).
 
-`build_dataset(image_set, args)` reads `args.dataset_file` ('coco' or 'toy'), `args.coco_path`,
+`build_dataset(image_set, args)` reads `args.dataset_file` ('coco' or 'toy'), `args.coco_path` or
+your own files (`args.train_ann`, `args.train_images`, `args.val_ann`, `args.val_images`),
 `args.toy_path` (optional: `args.output_dir`, `args.toy_num_train`, `args.toy_num_val`) and
 `args.masks` (must be False).
 """
 import torch
 
 from datasets import coco, toy
-from datasets.coco import CocoDetection, DatasetNotFoundError
+from datasets.coco import CocoDetection, DatasetNotFoundError, uses_own_files
 from datasets.coco_eval import CocoEvaluator
 from datasets.toy import ToyDataError, generate_toy_coco
 
@@ -16,7 +17,8 @@ SUPPORTED_DATASETS = ("coco", "toy")
 COCO_NUM_CLASSES = {"coco": 91, "coco_panoptic": 250}
 
 __all__ = ["build_dataset", "get_coco_api_from_dataset", "CocoDetection", "CocoEvaluator",
-           "DatasetNotFoundError", "ToyDataError", "generate_toy_coco", "num_classes_for"]
+           "DatasetNotFoundError", "ToyDataError", "generate_toy_coco", "num_classes_for",
+           "dataset_categories", "uses_own_files"]
 
 
 def build_dataset(image_set, args):
@@ -52,3 +54,9 @@ def get_coco_api_from_dataset(dataset):
         return dataset.coco
     raise TypeError(f"no COCO ground truth behind a {type(dataset).__name__}; expected a "
                     f"CocoDetection, possibly wrapped in torch.utils.data.Subset")
+
+
+def dataset_categories(dataset):
+    """{category id: name} of a COCO-format data set, in id order (plain ints and strings)."""
+    cats = get_coco_api_from_dataset(dataset).cats
+    return {int(i): str(cats[i].get("name", i)) for i in sorted(cats)}
