@@ -128,7 +128,8 @@ def test_file_without_args_names_and_empty_results(photos, tmp_path):
               "--max_size", MAX_SIZE]
     with pytest.raises(SystemExit, match="chelsea.png .* would overwrite an input picture"):
         predict.run(list(map(str, ["--resume", bare, "--output_dir", folder, *common])))
-    with pytest.raises(SystemExit, match="this file was trained with .*--enc_rpe2d iRPE product"):
+    with pytest.raises(SystemExit,
+                       match="this file was trained with .*--enc_rpe2d iRPE tables of 81 buckets"):
         predict.run(list(map(str, ["--resume", bare, "--output_dir", tmp_path / "a", *common])))
     out = tmp_path / "b"
     found = predict.run(list(map(str, ["--resume", bare, "--output_dir", out, "--threshold", 1.0,
