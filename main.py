@@ -4,6 +4,8 @@
     python main.py --coco_path /path/to/coco --enc_rpe2d rpe-2.0-product-ctx-1-k --eval \
         --resume rpe-2.0-product-ctx-1-k.pth
     python main.py --dataset_file toy --output_dir toy_out ...   (see README.md)
+    python main.py --train_ann train.json --train_images train.zip --val_ann val.json \
+        --val_images val/ --finetune rpe-2.0-product-ctx-1-k.pth --enc_rpe2d rpe-2.0-product-ctx-1-k
 """
 import argparse
 import datetime
@@ -22,14 +24,15 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 import util.misc as utils
-from datasets import build_dataset, get_coco_api_from_dataset
+from datasets import (build_dataset, dataset_categories, get_coco_api_from_dataset, num_classes_for,
+                      uses_own_files)
 from datasets.coco import BadImageError, DatasetNotFoundError
 from engine import NonFiniteLossError, evaluate, train_one_epoch
 from models import build_model
 from models.backbone import BackboneWeightsError, calibrate_frozen_batchnorm
 from models.rpe_attention.irpe import parse_rpe_string
 from util.checkpoint import (CheckpointError, check_compatible, get_rng_states, load_checkpoint,
-                             save_atomic, set_rng_states)
+                             load_for_finetuning, save_atomic, set_rng_states)
 from util.interrupt import Interrupted, stop_signals_raise
 from util.visualize import write_run_pictures
 
@@ -118,6 +121,19 @@ def get_args_parser():
     parser.add_argument("--toy_num_train", type=int, default=None,
                         help="toy training images (default 1000); a new count needs a new --toy_path")
     parser.add_argument("--toy_num_val", type=int, default=None, help="toy validation images (default 100)")
+
+    # Your own data and fine-tuning (README.md: "Your own data", "Fine-tuning")
+    parser.add_argument("--train_ann", type=str, default=None,
+                        help="COCO-format annotation json of your training images (instead of --coco_path)")
+    parser.add_argument("--train_images", type=str, default=None,
+                        help="folder or zip of the images that --train_ann names")
+    parser.add_argument("--val_ann", type=str, default=None,
+                        help="COCO-format annotation json of your validation images")
+    parser.add_argument("--val_images", type=str, default=None,
+                        help="folder or zip of the images that --val_ann names")
+    parser.add_argument("--finetune", type=str, default="",
+                        help="checkpoint (path or URL) whose weights start a new training run; its "
+                             "classifier and, if their number differs, its queries start fresh")
 
     # Run
     parser.add_argument("--output_dir", default="", help="where to save; empty for no saving")
@@ -296,6 +312,22 @@ def log_skipped_images(dataset, name):
             logger.warning("%s images skipped so far as unreadable (--skip_bad_images): %d, "
                            "counting each time one was due", name, count)
 
+def set_classes(args, dataset):
+    """Keep the data's category names in args (so in every checkpoint) and, for your own files,
+    make the classifier follow them (largest id + 1) unless --num_classes says otherwise."""
+    args.category_names = dataset_categories(dataset)
+    largest = max(args.category_names, default=0)
+    if args.num_classes is None and uses_own_files(args):
+        args.num_classes = largest + 1
+        logger.info("num_classes %d: the largest category id + 1 of the annotation file "
+                    "(categories %s)", args.num_classes, args.category_names)
+    num_classes = args.num_classes or num_classes_for(args.dataset_file)
+    if largest >= num_classes:
+        raise ValueError(f"the data has category id {largest}, but the classifier has ids "
+                         f"0..{num_classes - 1} (--num_classes {num_classes}): pass --num_classes "
+                         f"{largest + 1} or more, or leave it out to follow the categories")
+
+
 def write_pictures(args, output_dir, model, postprocessors, dataset, coco_api, device, curves):
     """The end-of-run pictures (util.visualize.write_run_pictures); a failure is logged, not raised:
     the run's results are saved by then."""
@@ -316,17 +348,25 @@ def main(args):
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     setup_logging(args.output_dir)
     logger.info("options: %s", vars(args))
+    if args.finetune and (args.resume or args.eval):
+        raise SystemExit("--finetune FILE starts a new training run from FILE's weights, "
+                         "without its optimizer or epoch; --resume FILE continues FILE's own run and "
+                         "--eval --resume FILE evaluates it. Give one of them, not both")
     resolve_auto_resume(args)
+    if args.finetune and args.resume:  # the run's own checkpoint, found by --auto_resume
+        logger.info("--finetune %s gave this run its first start only: continuing from %s",
+                    args.finetune, args.resume)
+        args.finetune = ""
     world_size, nodes = utils.get_world_size(), utils.num_nodes()
     logger.info("world size %d on %d node%s, %d images per process, effective batch %d, lr %g "
                 "(backbone %g; not scaled with the batch)", world_size, nodes, "s" * (nodes != 1),
                 args.batch_size, args.batch_size * world_size, args.lr, args.lr_backbone)
     if args.frozen_weights is not None and not args.masks:
         raise SystemExit("--frozen_weights trains a mask head on a frozen detector: add --masks")
-    if args.resume or args.eval or args.frozen_weights:
+    if args.resume or args.eval or args.finetune or args.frozen_weights:
         if args.backbone_weights != "none":
-            logger.info("--resume/--eval/--frozen_weights given: the backbone starts from the "
-                        "checkpoint, so no --backbone_weights are loaded")
+            logger.info("--resume/--eval/--finetune/--frozen_weights given: the backbone starts "
+                        "from the checkpoint, so no --backbone_weights are loaded")
         args.backbone_weights = "none"
     if args.eval and not args.resume:
         logger.warning("--eval without --resume evaluates an untrained model")
@@ -336,9 +376,6 @@ def main(args):
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-
-    model, criterion, postprocessors = build_model(args)
-    model.to(device)
 
     if utils.is_main_process():  # the toy data is made once, by one process
         dataset_val = build_dataset(image_set="val", args=args)
@@ -350,6 +387,15 @@ def main(args):
     data_loader_train, data_loader_val, sampler_train, generators = build_loaders(
         args, dataset_train, dataset_val)
     base_ds = get_coco_api_from_dataset(dataset_val)
+    set_classes(args, dataset_train if dataset_train is not None else dataset_val)
+
+    model, criterion, postprocessors = build_model(args)
+    model.to(device)
+    if args.finetune:
+        loaded, fresh = load_for_finetuning(model, load_checkpoint(args.finetune), args)
+        logger.info("fine-tuning from %s: %d tensors loaded; %d re-initialised (the file's are "
+                    "skipped): %s", args.finetune, len(loaded), len(fresh),
+                    "; ".join(f"{name} {shape}" for name, shape in fresh.items()))
 
     detector = model.detr if args.masks else model
     if args.frozen_weights:
@@ -358,7 +404,8 @@ def main(args):
         check_compatible(detector, frozen, args)
         detector.load_state_dict(frozen["model"], strict=True)
         logger.info("detector loaded from %s and frozen", args.frozen_weights)
-    elif dataset_train is not None and not args.resume and args.backbone_weights == "none":
+    elif (dataset_train is not None and not (args.resume or args.finetune)
+            and args.backbone_weights == "none"):
         # a random backbone under frozen batch norm: give its statistics a sensible scale
         images = utils.collate_fn([dataset_train[i] for i in range(min(len(dataset_train), 8))])[0]
         calibrate_frozen_batchnorm(detector.backbone[0], images.to(device))

@@ -2,13 +2,14 @@
 COCO layouts).
 
 `build_dataset(image_set, args)` reads `args.dataset_file` ('coco', 'coco_panoptic', 'toy' or
-'toy_panoptic'), `args.coco_path`, `args.coco_panoptic_path`, `args.toy_path` (optional:
+'toy_panoptic'), `args.coco_path` or your own files (`args.train_ann`, `args.train_images`,
+`args.val_ann`, `args.val_images`), `args.coco_panoptic_path`, `args.toy_path` (optional:
 `args.output_dir`, `args.toy_num_train`, `args.toy_num_val`) and `args.masks` (targets with masks).
 """
 import torch
 
 from datasets import coco, coco_panoptic, toy, toy_panoptic
-from datasets.coco import CocoDetection, DatasetNotFoundError
+from datasets.coco import CocoDetection, DatasetNotFoundError, uses_own_files
 from datasets.coco_panoptic import CocoPanoptic
 from datasets.panoptic_eval import PanopticEvaluator
 from datasets.coco_eval import CocoEvaluator
@@ -20,7 +21,8 @@ COCO_NUM_CLASSES = {"coco": 91, "coco_panoptic": 250}
 
 __all__ = ["build_dataset", "get_coco_api_from_dataset", "CocoDetection", "CocoEvaluator",
            "DatasetNotFoundError", "ToyDataError", "generate_toy_coco", "num_classes_for",
-           "CocoPanoptic", "PanopticEvaluator", "is_thing_map_for"]
+           "CocoPanoptic", "PanopticEvaluator", "is_thing_map_for", "dataset_categories",
+           "uses_own_files"]
 
 
 def build_dataset(image_set, args):
@@ -69,3 +71,12 @@ def get_coco_api_from_dataset(dataset):
         return dataset.coco
     raise TypeError(f"no COCO ground truth behind a {type(dataset).__name__}; expected a "
                     f"CocoDetection, possibly wrapped in torch.utils.data.Subset")
+
+
+def dataset_categories(dataset):
+    """{category id: name} of a COCO-format data set, in id order (plain ints and strings)."""
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    # a panoptic set's categories include stuff, which its box/mask AP ground truth lacks
+    cats = dataset.categories if isinstance(dataset, CocoPanoptic) else get_coco_api_from_dataset(dataset).cats
+    return {int(i): str(cats[i].get("name", i)) for i in sorted(cats)}

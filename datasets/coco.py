@@ -1,6 +1,8 @@
 """COCO object detection: reading images and annotations, and preparing DETR targets.
 
-Expected layout under the data root (`--coco_path`):
+Either your own files (`--train_ann`, `--train_images`, `--val_ann`, `--val_images`): any
+COCO-format annotation file, and a folder or a zip of the images it names; or COCO 2017's layout
+under the data root (`--coco_path`):
 
     annotations/instances_train2017.json
     annotations/instances_val2017.json
@@ -35,6 +37,17 @@ LAYOUT_HELP = (
 )
 
 
+OWN_FILES_HELP = (
+    "a split of your own data is --{split}_ann FILE (a COCO-format annotation json: 'images' with "
+    "'id' and 'file_name', 'annotations' with 'image_id', 'category_id' and 'bbox' [x, y, w, h], "
+    "'categories' with 'id' and 'name') and --{split}_images (a folder holding the files named in "
+    "it, or a zip with them as members, at its top or under one folder)"
+)
+
+COCO_FORMAT = {"images": ("id", "file_name"), "annotations": ("image_id", "category_id", "bbox"),
+               "categories": ("id", "name")}
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """Data missing or not laid out as expected; the message names the path and the layout."""
 
@@ -58,11 +71,56 @@ def fill_annotation_defaults(coco):
     return coco
 
 
-def load_coco_api(annotation_file):
-    """pycocotools COCO object for a json file (without its progress output), see
-    fill_annotation_defaults."""
+def coco_format_problem(data):
+    """What keeps `data` (a parsed json) from being a COCO detection file, or None."""
+    if not isinstance(data, dict):
+        return f"its top level is a {type(data).__name__}, not an object"
+    for key, fields in COCO_FORMAT.items():
+        entries = data.get(key)
+        if not isinstance(entries, list):
+            return f"it has no list '{key}' (its keys: {sorted(data)[:8]})"
+        for entry in entries:
+            missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
+            if missing:
+                return f"an entry of '{key}' lacks {missing}: {str(entry)[:120]}"
+    bad_box = next((a for a in data["annotations"] if not (
+        isinstance(a["bbox"], list) and len(a["bbox"]) == 4)), None)
+    if bad_box is not None:
+        return f"an annotation's bbox is not [x, y, w, h]: {str(bad_box)[:120]}"
+    category_ids = {c["id"] for c in data["categories"]}
+    unknown = sorted({a["category_id"] for a in data["annotations"]} - category_ids)
+    if unknown:
+        return f"annotations use category ids {unknown[:10]} that 'categories' does not list"
+    image_ids = {i["id"] for i in data["images"]}
+    orphans = [a for a in data["annotations"] if a["image_id"] not in image_ids]
+    if orphans:
+        return (f"{len(orphans)} annotation(s) name an image id that 'images' lacks, e.g. "
+                f"{orphans[0]['image_id']}")
+    return None
+
+
+def load_coco_api(annotation_file, help_text=LAYOUT_HELP):
+    """pycocotools COCO object for a COCO-format json file (without its progress output).
+
+    A file that is not valid json or not in COCO's detection format raises ValueError saying
+    what is wrong. Annotations without an 'id' are numbered; see also fill_annotation_defaults.
+    """
+    try:
+        with open(annotation_file, "rb") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"annotation file {annotation_file} is not valid json ({err})") from None
+    problem = coco_format_problem(data)
+    if problem:
+        raise ValueError(f"annotation file {annotation_file} is not in COCO format: {problem}; "
+                         f"{help_text}")
+    # pycocotools indexes annotations by 'id'; hand-made files often leave it out
+    for number, ann in enumerate(data["annotations"], start=1):
+        ann.setdefault("id", number)
+    coco = COCO()
+    coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(annotation_file)
+        coco.createIndex()
     return fill_annotation_defaults(coco)
 
 
@@ -72,13 +130,21 @@ def load_coco_api(annotation_file):
 class FolderImages:
     """Images stored as files in a folder."""
 
-    def __init__(self, folder):
+    def __init__(self, folder, help_text=LAYOUT_HELP):
         self.folder = folder
+        self.help_text = help_text
+
+    def path(self, file_name):
+        return os.path.join(self.folder, file_name)
+
+    def missing_files(self, file_names):
+        """The file names among `file_names` that have no file in the folder."""
+        return [f for f in file_names if not os.path.isfile(self.path(f))]
 
     def open_bytes(self, file_name):
-        path = os.path.join(self.folder, file_name)
+        path = self.path(file_name)
         if not os.path.isfile(path):
-            raise DatasetNotFoundError(f"image file {path} is missing; {LAYOUT_HELP}")
+            raise DatasetNotFoundError(f"image file {path} is missing; {self.help_text}")
         return open(path, "rb")
 
     def describe(self, file_name):
@@ -89,15 +155,16 @@ class FolderImages:
 
 
 class ZipImages:
-    """Images stored as members `<prefix>/<file_name>` of a zip archive.
+    """Images stored as members `<prefix>/<file_name>` (`<file_name>` for prefix '') of a zip.
 
     The archive is opened lazily, once per process (keyed by os.getpid()), and the handle is never
     pickled: DataLoader workers, forked or spawned, each read through their own handle.
     """
 
-    def __init__(self, zip_path, prefix):
+    def __init__(self, zip_path, prefix, help_text=LAYOUT_HELP):
         self.zip_path = zip_path
         self.prefix = prefix
+        self.help_text = help_text
         self._zip = None
         self._pid = None
 
@@ -109,7 +176,7 @@ class ZipImages:
         return self._zip
 
     def member(self, file_name):
-        return f"{self.prefix}/{file_name}"
+        return f"{self.prefix}/{file_name}" if self.prefix else file_name
 
     def describe(self, file_name):
         return f"member {self.member(file_name)} of {self.zip_path}"
@@ -124,7 +191,7 @@ class ZipImages:
             data = self._archive().read(self.member(file_name))
         except KeyError:
             raise DatasetNotFoundError(
-                f"{self.zip_path} has no member {self.member(file_name)}; {LAYOUT_HELP}") from None
+                f"{self.zip_path} has no member {self.member(file_name)}; {self.help_text}") from None
         return io.BytesIO(data)
 
     def close(self):
@@ -156,6 +223,43 @@ def find_images(root, split_name):
     raise DatasetNotFoundError(
         f"no images for {split_name}: neither the folder {folder} nor the zip {zip_path} exists; "
         f"{LAYOUT_HELP}")
+
+
+def zip_prefix(zip_path, file_names):
+    """The folder inside a zip of your own images that holds the files: '' (its top) or the one
+    folder under which most of `file_names` are members."""
+    with zipfile.ZipFile(zip_path) as archive:
+        names = set(archive.namelist())
+    counts = {"": sum(f in names for f in file_names)}
+    for file_name in file_names[:1]:
+        for member in names:
+            if member.endswith("/" + file_name):
+                prefix = member[:-len(file_name) - 1]
+                counts[prefix] = sum(f"{prefix}/{f}" in names for f in file_names)
+    return max(counts, key=lambda p: (counts[p], p == ""))
+
+
+def open_own_images(path, file_names, help_text):
+    """The image source of your own split: `path` is a folder or a zip archive of the images."""
+    if os.path.isdir(path):
+        return FolderImages(path, help_text)
+    if not os.path.exists(path):
+        raise DatasetNotFoundError(f"image folder or zip {path} does not exist; {help_text}")
+    if not zipfile.is_zipfile(path):
+        raise DatasetNotFoundError(f"{path} is neither a folder nor a zip archive; {help_text}")
+    return ZipImages(path, zip_prefix(path, file_names), help_text)
+
+
+def coco_2017_annotation_file(root, split):
+    """`root`/annotations/instances_{train,val}2017.json, checked to exist."""
+    if not root:
+        raise DatasetNotFoundError(f"no data root given (set --coco_path); {LAYOUT_HELP}")
+    if not os.path.isdir(root):
+        raise DatasetNotFoundError(f"data root {root} does not exist or is not a folder; {LAYOUT_HELP}")
+    annotation_file = os.path.join(root, "annotations", f"instances_{SPLITS[split]}.json")
+    if not os.path.isfile(annotation_file):
+        raise DatasetNotFoundError(f"annotation file {annotation_file} is missing; {LAYOUT_HELP}")
+    return annotation_file
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,35 +357,37 @@ def prepare_target(image_size, image_id, annotations, return_masks=False):
 # Dataset
 
 class CocoDetection(torch.utils.data.Dataset):
-    """(image, target) pairs of one COCO split, in increasing image id order.
+    """(image, target) pairs of one COCO-format split, in increasing image id order.
 
-    `root` follows the layout in the module docstring; `split` is 'train' or 'val'. `transforms`
-    is called as transforms(pil_image, target). The pycocotools COCO object is `self.coco`.
+    `root` follows COCO 2017's layout (module docstring); `split` is 'train' or 'val'. Your own
+    files instead: `annotation_file` (any COCO-format json) and `images` (a folder or a zip of
+    the images it names); `root` is then not used. `transforms` is called as
+    transforms(pil_image, target). The pycocotools COCO object is `self.coco`.
     `return_masks` adds the instance masks (see prepare_target).
     An image that cannot be read raises BadImageError naming it; with `skip_bad_images` it is
     skipped instead (the next readable image takes its place) and counted in `self.skipped`.
     """
 
-    def __init__(self, root, split, transforms=None, return_masks=False,
+    def __init__(self, root, split, transforms=None, annotation_file=None, images=None,
+                 return_masks=False,
                  skip_bad_images=False):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: expected one of {sorted(SPLITS)}")
-        if not root:
-            raise DatasetNotFoundError(f"no data root given (set --coco_path); {LAYOUT_HELP}")
-        if not os.path.isdir(root):
-            raise DatasetNotFoundError(f"data root {root} does not exist or is not a folder; {LAYOUT_HELP}")
-        split_name = SPLITS[split]
-        annotation_file = os.path.join(root, "annotations", f"instances_{split_name}.json")
-        if not os.path.isfile(annotation_file):
-            raise DatasetNotFoundError(f"annotation file {annotation_file} is missing; {LAYOUT_HELP}")
+        if (annotation_file is None) != (images is None):
+            raise ValueError("annotation_file and images go together: give both or neither")
+        own_files = annotation_file is not None
+        help_text = OWN_FILES_HELP.format(split=split) if own_files else LAYOUT_HELP
+        if own_files:
+            if not os.path.isfile(annotation_file):
+                raise DatasetNotFoundError(
+                    f"annotation file {annotation_file} does not exist; {help_text}")
+        else:
+            annotation_file = coco_2017_annotation_file(root, split)
+            images = find_images(root, SPLITS[split])
         self.root = root
         self.split = split
         self.annotation_file = annotation_file
-        self.images = find_images(root, split_name)
-        try:
-            self.coco = load_coco_api(annotation_file)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError) as e:
-            raise ValueError(f"annotation file {annotation_file} is not valid COCO json ({e})") from e
+        self.coco = load_coco_api(annotation_file, help_text)
         self.ids = sorted(self.coco.imgs.keys())
         self.transforms = transforms
         self.return_masks = return_masks
@@ -292,13 +398,26 @@ class CocoDetection(torch.utils.data.Dataset):
             logger.info("%s: %d boxes reach outside their image and are clipped to it, %d have zero "
                         "or negative size (or lie outside the image) and are dropped",
                         annotation_file, outside, empty)
+        file_names = [self.coco.imgs[i]["file_name"] for i in self.ids]
+        if own_files:
+            images = open_own_images(images, file_names, help_text)
+        self.images = images
+        self._check_images(file_names, own_files)
+
+    def _check_images(self, file_names, own_files):
+        """Name the images that the annotation file lists and the source lacks, before training."""
         if isinstance(self.images, ZipImages):
-            missing = self.images.missing_members([self.coco.imgs[i]["file_name"] for i in self.ids])
-            if missing:
-                shown = ", ".join(self.images.member(f) for f in missing[:5])
-                raise DatasetNotFoundError(
-                    f"{self.images.zip_path} lacks {len(missing)} image(s) listed in "
-                    f"{annotation_file}, e.g. {shown}; {LAYOUT_HELP}")
+            missing = [self.images.member(f) for f in self.images.missing_members(file_names)]
+            where = f"{self.images.zip_path} lacks"
+        elif own_files:  # a stat per image; COCO 2017's own folders are trusted as before
+            missing = self.images.missing_files(file_names)
+            where = f"the folder {self.images.folder} lacks"
+        else:
+            return
+        if missing:
+            raise DatasetNotFoundError(
+                f"{where} {len(missing)} image(s) listed in {self.annotation_file}, e.g. "
+                f"{', '.join(missing[:5])}; {self.images.help_text}")
 
     def __len__(self):
         return len(self.ids)
@@ -355,12 +474,37 @@ def check_args(args):
                          "--dataset_file toy_panoptic (the same images with panoptic masks)")
 
 
+def own_files(args, image_set):
+    """(--{image_set}_ann, --{image_set}_images) as given, (None, None) when neither is."""
+    return getattr(args, f"{image_set}_ann", None), getattr(args, f"{image_set}_images", None)
+
+
+def uses_own_files(args):
+    """Whether any split comes from --train_ann / --val_ann files rather than --coco_path."""
+    return any(any(own_files(args, image_set)) for image_set in SPLITS)
+
+
 def build(image_set, args):
-    """COCO 2017 detection split `image_set` ('train' or 'val') from `args.coco_path`."""
+    """Detection split `image_set` ('train' or 'val'): from --{image_set}_ann and
+    --{image_set}_images when given, else from COCO 2017's layout under `args.coco_path`."""
+    check_args(args)
+    transforms = T.make_coco_transforms(image_set)
+    skip_bad_images = getattr(args, "skip_bad_images", False)
+    masks = getattr(args, "masks", False)
+    annotation_file, images = own_files(args, image_set)
+    if annotation_file or images:
+        if not (annotation_file and images):
+            given, lacking = ("ann", "images") if annotation_file else ("images", "ann")
+            raise DatasetNotFoundError(f"--{image_set}_{given} needs --{image_set}_{lacking} as well; "
+                                       f"{OWN_FILES_HELP.format(split=image_set)}")
+        return CocoDetection(None, image_set, transforms, annotation_file=annotation_file,
+                             images=images, return_masks=masks,
+                             skip_bad_images=skip_bad_images)
     root = getattr(args, "coco_path", None)
     if not root:
         raise DatasetNotFoundError(
-            f"--dataset_file coco needs --coco_path pointing to the COCO 2017 data; {LAYOUT_HELP}")
-    return CocoDetection(root, image_set, transforms=T.make_coco_transforms(image_set),
-                         return_masks=getattr(args, "masks", False),
-                         skip_bad_images=getattr(args, "skip_bad_images", False))
+            f"--dataset_file coco needs --coco_path pointing to the COCO 2017 data, or your own "
+            f"files for the {image_set} split; {OWN_FILES_HELP.format(split=image_set)}; "
+            f"or {LAYOUT_HELP}")
+    return CocoDetection(root, image_set, transforms=transforms, return_masks=masks,
+                         skip_bad_images=skip_bad_images)

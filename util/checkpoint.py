@@ -261,3 +261,49 @@ def check_compatible(model, checkpoint, args=None, name="the checkpoint"):
                           f"this file was trained with {detail}. Pass the file's options (the "
                           f"model zoo in README.md lists them) or use a checkpoint of this "
                           f"configuration.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning: a checkpoint of another class count (or number of queries)
+
+# options that change what a state_dict's tensors mean without always changing their shapes
+ARCHITECTURE_OPTIONS = ("backbone", "dilation", "position_embedding", "hidden_dim", "nheads",
+                        "enc_layers", "dec_layers", "dim_feedforward", "pre_norm", "enc_rpe2d")
+
+
+def check_architecture(file_args, args):
+    """Raise CheckpointError when the file's recorded architecture options differ from `args`'.
+
+    Only options that both record are compared (files without args are judged by their tensors).
+    """
+    if not isinstance(file_args, argparse.Namespace) or not isinstance(args, argparse.Namespace):
+        return
+    theirs, ours = vars(file_args), vars(args)
+    differences = [f"--{k} {theirs[k]!r} (this run: {ours[k]!r})" for k in ARCHITECTURE_OPTIONS
+                   if k in theirs and k in ours and theirs[k] != ours[k]]
+    if differences:
+        raise CheckpointError(f"this checkpoint was trained with {', '.join(differences)}; "
+                              f"pass the file's options to fine-tune from it (only the classes and "
+                              f"--num_queries may differ)")
+
+
+def load_for_finetuning(model, checkpoint, args=None):
+    """Load a checkpoint's weights into `model` to fine-tune it on other classes.
+
+    The classifier (`class_embed`) always keeps `model`'s fresh initialisation: its outputs are the
+    new data's classes. So does `query_embed` when the number of queries differs. Every other
+    tensor is loaded and must fit (else check_compatible's message), and the file's recorded
+    architecture must equal `args` (check_architecture). No optimizer or epoch state is used.
+
+    Returns (names loaded, {re-initialised name: "model shape, file shape"}).
+    """
+    state_dict, own = checkpoint["model"], model.state_dict()
+    fresh = [k for k in own if k.startswith("class_embed.")
+             or (k == "query_embed.weight" and k in state_dict and state_dict[k].shape != own[k].shape)]
+    check_architecture(checkpoint.get("args"), args)
+    check_compatible(model, {**checkpoint, "model": {**state_dict, **{k: own[k] for k in fresh}}}, args)
+    loaded = {k: v for k, v in state_dict.items() if k not in fresh}
+    model.load_state_dict(loaded, strict=False)  # the fresh ones are the only missing keys
+    shapes = {k: f"{tuple(own[k].shape)} (file: "
+                 f"{tuple(state_dict[k].shape) if k in state_dict else 'absent'})" for k in fresh}
+    return sorted(loaded), shapes

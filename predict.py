@@ -1,0 +1,305 @@
+"""Detect objects in your pictures with a trained checkpoint and draw what was found.
+
+    python predict.py --resume rpe-2.0-product-ctx-1-k.pth --images photos/ street.jpg \
+        --output_dir predictions [--threshold 0.7] [--device cpu] [--batch_size 4] [--attention]
+
+Writes OUTPUT_DIR/predictions.json (COCO results: image_id, category_id, bbox [x, y, w, h] in the
+image's pixels, score; plus file_name and category_name) and OUTPUT_DIR/<image name>.png with the
+boxes, class names and scores drawn; with --attention also OUTPUT_DIR/attention/<image name>.png,
+the last encoder layer's self-attention (iRPE included) seen from the centres of the best boxes.
+
+The model options come from the checkpoint's args; a file without args (a bare state_dict) needs
+main.py's model options (--enc_rpe2d, --backbone, --num_classes, ...) on the command line.
+"""
+import argparse
+import contextlib
+import copy
+import json
+import logging
+import os
+import sys
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import datasets.transforms as T
+from datasets import num_classes_for
+from datasets.coco_names import COCO_CATEGORY_NAMES
+from main import get_args_parser as main_args_parser
+from models import build_model
+from util.attention_maps import capture_encoder_attention
+from util.checkpoint import CheckpointError, check_compatible, load_checkpoint
+from util.misc import nested_tensor_from_tensor_list
+
+logger = logging.getLogger("predict")
+
+IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+# box colours, by category id
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190), (0, 128, 128)]
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description="DETR with iRPE: detect objects in pictures",
+        epilog="Checkpoints without args also take main.py's model options (--enc_rpe2d, "
+               "--backbone, --num_classes, --num_queries, ...).")
+    parser.add_argument("--resume", required=True, help="checkpoint path or http(s) URL")
+    parser.add_argument("--images", nargs="+", required=True,
+                        help="image files, or folders whose images (not subfolders) are read")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--threshold", type=float, default=0.7,
+                        help="keep predictions whose class probability exceeds this")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--size", type=int, default=T.VAL_SCALE, help="short side the model sees")
+    parser.add_argument("--max_size", type=int, default=T.TRAIN_MAX_SIZE, help="long side at most")
+    parser.add_argument("--attention", action="store_true",
+                        help="also draw the last encoder layer's attention from a few points")
+    parser.add_argument("--attention_points", type=int, default=3,
+                        help="how many points (the centres of the best-scoring boxes)")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+def find_images(paths):
+    """The image files among `paths` (files as given, folders' images in name order)."""
+    found = []
+    for path in paths:
+        if os.path.isdir(path):
+            names = sorted(n for n in os.listdir(path)
+                           if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+            found += [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+        elif os.path.isfile(path):
+            found.append(path)
+        else:
+            raise SystemExit(f"error: --images {path}: no such file or folder")
+    if not found:
+        raise SystemExit(f"error: no images in {' '.join(paths)} (extensions read: "
+                         f"{', '.join(sorted(IMAGE_EXTENSIONS)[:12])}, ...)")
+    return found
+
+
+def output_names(paths):
+    """A distinct output name per image: its file name without extension, numbered on repeats."""
+    names, taken = [], set()
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name, k = stem, 1
+        while name in taken:
+            k += 1
+            name = f"{stem}_{k}"
+        taken.add(name)
+        names.append(name)
+    return names
+
+
+def make_transform(size, max_size):
+    """Evaluation's transform (short side `size`, long side at most `max_size`, ImageNet
+    normalisation); called as transform(pil_image, None)."""
+    return T.Compose([T.RandomResize([size], max_size=max_size), T.normalize_transform()])
+
+
+def read_image(path):
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as err:
+        raise SystemExit(f"error: cannot read {path} as an image ({err})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# The model, from the checkpoint's own options
+
+def model_options(checkpoint, command_line, device):
+    """main.py's options for building the checkpoint's model: its args over the command line's."""
+    options = copy.copy(command_line)
+    file_args = checkpoint.get("args")
+    if file_args is not None:
+        saved = vars(file_args) if isinstance(file_args, argparse.Namespace) else dict(file_args)
+        defaults = vars(main_args_parser().parse_args([]))
+        for key, value in vars(command_line).items():
+            if key in saved and saved[key] != value and defaults.get(key) != value:
+                logger.warning("--%s %s ignored: the checkpoint's args give %r", key, value, saved[key])
+        vars(options).update(saved)
+    # the weights come from the checkpoint; nothing is downloaded
+    options.device, options.backbone_weights = device, "none"
+    return options
+
+
+def load_model(checkpoint_path, command_line, device):
+    """(model in eval mode on `device`, PostProcess, {category id: name}) of a checkpoint."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    options = model_options(checkpoint, command_line, device)
+    model, _, postprocessors = build_model(options)
+    check_compatible(model, checkpoint, options)
+    model.load_state_dict(checkpoint["model"], strict=True)
+    names = getattr(options, "category_names", None)
+    if not names:  # COCO's names are the right ones only for a COCO-sized classifier
+        num_classes = options.num_classes or num_classes_for(options.dataset_file)
+        names = COCO_CATEGORY_NAMES if num_classes == num_classes_for("coco") else {}
+    return model.eval().to(device), postprocessors["bbox"], {int(k): str(v) for k, v in names.items()}
+
+
+def coco_results(found, image_id, file_name, threshold, category_names):
+    """PostProcess's output for one image -> COCO results (bbox xywh) of the scores above threshold."""
+    keep = found["scores"] > threshold
+    return [{"image_id": image_id, "file_name": file_name, "category_id": label,
+             "category_name": category_names.get(label, f"class {label}"),
+             "bbox": [x0, y0, x1 - x0, y1 - y0], "score": score}
+            for (x0, y0, x1, y1), score, label in zip(found["boxes"][keep].tolist(),
+                                                      found["scores"][keep].tolist(),
+                                                      found["labels"][keep].tolist())]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures
+
+def draw_detections(image, detections):
+    """A copy of the PIL `image` with each detection's box and 'name score' label drawn."""
+    image = image.copy()
+    draw = ImageDraw.Draw(image)
+    side = min(image.size)
+    width = max(2, side // 200)
+    font = ImageFont.load_default(size=max(12, side // 40))
+    for det in detections:
+        x, y, w, h = det["bbox"]
+        colour = PALETTE[det["category_id"] % len(PALETTE)]
+        draw.rectangle([x, y, x + w, y + h], outline=colour, width=width)
+        text = f"{det['category_name']} {det['score']:.2f}"
+        left, top, right, bottom = draw.textbbox((x, y), text, font=font, anchor="lb")
+        if top < 0:  # no room above the box: write inside it
+            left, top, right, bottom = draw.textbbox((x, y), text, font=font, anchor="lt")
+        draw.rectangle([left, top, right + 2 * width, bottom], fill=colour)
+        draw.text((left + width, bottom), text, fill=(255, 255, 255), font=font, anchor="lb")
+    return image
+
+
+def save_attention(path, image, found, captured, index, count, category_names, sizes):
+    """The attention figure of image `index` of the batch, seen from the centres of its `count`
+    best-scoring predicted boxes (whether above the threshold or not)."""
+    best = found["scores"].argsort(descending=True)[:count].tolist()
+    boxes = found["boxes"][best].cpu()
+    points = [((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in boxes.tolist()]
+    labels = [f"{category_names.get(int(found['labels'][j]), int(found['labels'][j]))} "
+              f"{float(found['scores'][j]):.2f}" for j in best]
+    maps, extent = attention_maps(captured, index, points, sizes)
+    save_attention_figure(path, image, points, maps, extent, labels)
+
+
+def attention_maps(captured, index, points, sizes):
+    """For each point (x, y) of image `index` of the batch, the (rows, cols) map of where its
+    feature-map token attends, padding removed; and the extent (0, right, bottom, 0) in image
+    pixels that those cells cover. `sizes`: the (w, h) of the image, of it resized for the model,
+    and of the padded batch."""
+    h, w = captured["hw"]
+    weights = captured["weights"][index].reshape(h * w, h, w)
+    valid = torch.ones(h, w, dtype=torch.bool) if captured["padding"] is None else \
+        ~captured["padding"][index].reshape(h, w).cpu()
+    rows, cols = int(valid[:, 0].sum()), int(valid[0].sum())
+    (orig_w, orig_h), (resized_w, resized_h), (padded_w, padded_h) = sizes
+    # image pixels per feature cell: the backbone's stride (padded / h), undoing the resize
+    cell_w, cell_h = padded_w / w * orig_w / resized_w, padded_h / h * orig_h / resized_h
+    maps = []
+    for x, y in points:
+        row, col = min(int(y / cell_h), rows - 1), min(int(x / cell_w), cols - 1)
+        maps.append(weights[row * w + col, :rows, :cols].float().cpu())
+    return maps, (0, cols * cell_w, rows * cell_h, 0)
+
+
+def save_attention_figure(path, image, points, maps, extent, labels):
+    """The image with the points marked, then one heat map per point (covering `extent` in image
+    pixels), side by side."""
+    from matplotlib.figure import Figure  # only --attention needs matplotlib
+
+    width, height = image.size
+    fig = Figure(figsize=(3.2 * (len(maps) + 1), 3.2 * height / width + 0.5))
+    axes = fig.subplots(1, len(maps) + 1, squeeze=False)[0]
+    axes[0].imshow(image)
+    axes[0].set_title("image")
+    for k, ((x, y), heat, label) in enumerate(zip(points, maps, labels), start=1):
+        axes[0].plot(x, y, "o", color="red", markersize=6, markeredgecolor="white")
+        axes[0].annotate(str(k), (x, y), color="white", xytext=(4, 4), textcoords="offset points")
+        # the map over a grey copy of the image, so that what is looked at can be recognised
+        axes[k].imshow(image.convert("L"), cmap="gray")
+        axes[k].imshow(heat.numpy(), cmap="inferno", alpha=0.6, extent=extent, interpolation="nearest")
+        axes[k].set_xlim(0, width)  # the last cells may reach past the image
+        axes[k].set_ylim(height, 0)
+        axes[k].plot(x, y, "o", color="red", markersize=6, markeredgecolor="white")
+        axes[k].set_title(f"{k}: {label}", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(args, model_command_line):
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available here; use --device cpu")
+    if args.batch_size < 1:
+        raise SystemExit("error: --batch_size must be at least 1")
+    paths = find_images(args.images)
+    names = output_names(paths)
+    inputs = {os.path.realpath(p) for p in paths}
+    outputs = {os.path.realpath(os.path.join(args.output_dir, f"{n}.png")): n for n in names}
+    clash = next((n for path, n in outputs.items() if path in inputs), None)
+    if clash is not None:
+        raise SystemExit(f"error: writing {clash}.png into --output_dir {args.output_dir} would "
+                         f"overwrite an input picture; choose another --output_dir")
+    model, postprocess, category_names = load_model(args.resume, model_command_line, device)
+    transform = make_transform(args.size, args.max_size)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.attention:
+        os.makedirs(os.path.join(args.output_dir, "attention"), exist_ok=True)
+
+    results = []
+    for start in range(0, len(paths), args.batch_size):
+        batch = range(start, min(start + args.batch_size, len(paths)))
+        images = [read_image(paths[k]) for k in batch]
+        tensors = [transform(image, None)[0] for image in images]
+        samples = nested_tensor_from_tensor_list(tensors).to(device)
+        orig_sizes = torch.tensor([[im.height, im.width] for im in images], device=device)
+        attention = capture_encoder_attention(model) if args.attention else contextlib.nullcontext()
+        with attention as captured:
+            outputs = model(samples)
+        for i, (k, found) in enumerate(zip(batch, postprocess(outputs, orig_sizes))):
+            detections = coco_results(found, k + 1, paths[k], args.threshold, category_names)
+            results += detections
+            draw_detections(images[i], detections).save(os.path.join(args.output_dir, f"{names[k]}.png"))
+            if args.attention:
+                save_attention(os.path.join(args.output_dir, "attention", f"{names[k]}.png"),
+                               images[i], found, captured, i, args.attention_points, category_names,
+                               sizes=(images[i].size, tuple(tensors[i].shape[:0:-1]),
+                                      tuple(samples.tensors.shape[:1:-1])))
+        logger.info("%d/%d images", batch.stop, len(paths))
+
+    with open(os.path.join(args.output_dir, "predictions.json"), "w") as f:
+        json.dump(results, f)
+    logger.info("%d detections above %.2f in %d images: %s and one PNG per image in %s",
+                len(results), args.threshold, len(paths),
+                os.path.join(args.output_dir, "predictions.json"), args.output_dir)
+    return results
+
+
+def run(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)], force=True)
+    args, rest = get_args_parser().parse_known_args(argv)
+    model_parser = argparse.ArgumentParser(
+        usage="predict.py --resume CKPT --images PATH [PATH ...] --output_dir DIR [options] "
+              "[main.py's model options]", parents=[main_args_parser()])
+    model_command_line = model_parser.parse_args(rest)
+    try:
+        return predict(args, model_command_line)
+    except (CheckpointError, OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    run()
