@@ -78,5 +78,8 @@ def dataset_categories(dataset):
     while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset
     # a panoptic set's categories include stuff, which its box/mask AP ground truth lacks
-    cats = dataset.categories if isinstance(dataset, CocoPanoptic) else get_coco_api_from_dataset(dataset).cats
+    if isinstance(dataset, CocoPanoptic):
+        cats = dataset.categories
+    else:
+        cats = get_coco_api_from_dataset(dataset).cats
     return {int(i): str(cats[i].get("name", i)) for i in sorted(cats)}
