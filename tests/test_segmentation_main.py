@@ -104,7 +104,7 @@ def test_coco_panoptic_evaluation(mini_masks, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--frozen_weights", "detector.pth"], "add --masks"),
     (["--masks", "--dataset_file", "toy"], "use --dataset_file toy_panoptic"),
-    (["--masks", "--dataset_file", "toy", "--hidden_dim", "32"], "--hidden_dim a multiple of 128"),
+    (["--masks", "--dataset_file", "toy_panoptic", "--hidden_dim", "32"], "--hidden_dim a multiple of 128"),
 ])
 def test_options_that_do_not_fit_get_one_message(argv, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
