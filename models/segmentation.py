@@ -161,9 +161,8 @@ class MHAttentionMap(nn.Module):
         kh = k.view(k.shape[0], self.num_heads, head_dim, k.shape[-2], k.shape[-1])
         weights = torch.einsum("bqnc,bnchw->bqnhw", qh * self.normalize_fact, kh)
         weights = weights.masked_fill(mask[:, None, None], float("-inf"))
-        # DETR normalises each query's logits of all heads and positions together (flatten(2)):
-        # the published checkpoints were trained so
-        weights = F.softmax(weights.flatten(2), dim=-1).view(weights.shape)
+        # a distribution over the h * w positions for each head of each query
+        weights = F.softmax(weights.flatten(3), dim=-1).view(weights.shape)
         return self.dropout(weights)
 
 

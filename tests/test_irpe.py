@@ -1,4 +1,4 @@
-"""iRPE bucket arithmetic, configuration and the attention layer, against ../shared/reference and
+"""iRPE bucket arithmetic, configuration and the attention layer, against tests/data (the published arithmetic) and
 against independent slow implementations."""
 import itertools
 import math

@@ -82,8 +82,8 @@ def test_attention_map_against_a_loop():
                         kv = wk @ k[b, :, y, x] + bk
                         logits[n, y, x] = (qi[4 * n:4 * n + 4] @ kv[4 * n:4 * n + 4]) / math.sqrt(4)
             logits[:, mask[b]] = float("-inf")
-            # DETR: one softmax over all heads and positions of a query
-            expected[b, i] = torch.softmax(logits.flatten(), 0).view(2, 3, 4)
+            # one softmax over the positions of each head
+            expected[b, i] = torch.softmax(logits.flatten(1), 1).view(2, 3, 4)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     assert (out[1][:, :, mask[1]] == 0).all()
 
