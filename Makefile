@@ -12,7 +12,7 @@ DEMO_OUT ?= toy_out
 DEMO_ARGS = --dataset_file toy --output_dir $(DEMO_OUT) --enc_rpe2d rpe-2.0-product-ctx-1-k \
     --backbone resnet18 --backbone_weights none --lr 4e-4 --lr_backbone 1e-4 --dropout 0 \
     --hidden_dim 128 --nheads 4 --dim_feedforward 256 --enc_layers 2 --dec_layers 2 \
-    --num_queries 8 --batch_size 8 --epochs 15 --lr_drop 11 --num_workers 1
+    --num_queries 8 --batch_size 8 --epochs 18 --lr_drop 14 --num_workers 1
 
 # the panoptic demo (README, "Segmentation"): the same small model with 8 heads (the mask head's
 # GroupNorm needs hidden + heads divisible by 8), on the toy images with panoptic annotations
