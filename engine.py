@@ -87,20 +87,22 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
 
 @torch.no_grad()
 def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, output_dir=None,
-             print_freq=10):
+             print_freq=10, coco_eval_backend="pycocotools"):
     """Losses and COCO box AP over `data_loader` (mask AP and panoptic quality with the 'segm'
     and 'panoptic' postprocessors).
 
     Returns (stats, coco_evaluator): stats holds the averaged losses and 'coco_eval_bbox', the 12
     COCO numbers (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl); likewise
     'coco_eval_masks' with 'segm'; with 'panoptic', 'PQ_all', 'PQ_th', 'PQ_st' ({'pq', 'sq', 'rq',
-    'n'}) and 'PQ_per_class'.
+    'n'}) and 'PQ_per_class'. `coco_eval_backend` is the library that computes the COCO numbers
+    ('pycocotools' or 'faster_coco_eval', see datasets/coco_eval_backends.py).
     """
     model.eval()
     criterion.eval()
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.add_meter("class_error", utils.SmoothedValue(window_size=1, fmt="{value:.2f}"))
-    coco_evaluator = CocoEvaluator(base_ds, tuple(k for k in ("bbox", "segm") if k in postprocessors))
+    coco_evaluator = CocoEvaluator(base_ds, tuple(k for k in ("bbox", "segm") if k in postprocessors),
+                                   backend=coco_eval_backend)
     panoptic_evaluator = None
     if "panoptic" in postprocessors:
         panoptic_evaluator = PanopticEvaluator.from_dataset(data_loader.dataset)

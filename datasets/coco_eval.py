@@ -1,4 +1,4 @@
-"""COCO box and mask evaluation (pycocotools COCOeval), batch by batch and across processes.
+"""COCO box and mask evaluation (COCOeval), batch by batch and across processes.
 
 Usage:
 
@@ -11,32 +11,24 @@ Usage:
     text = evaluator.summarize()                  # the usual 12-line table, as text
     stats = evaluator.coco_eval["bbox"].stats     # the 12 numbers (AP, AP50, ..., AR_large)
 
+COCOeval comes from pycocotools, or with `backend="faster_coco_eval"` from faster-coco-eval (the
+same numbers, computed in C++; see datasets/coco_eval_backends.py).
+
 Each `update` evaluates its images right away (COCOeval's per-image step) and keeps only the
 per-image results; `synchronize_between_processes` gathers them from every process, and
 `accumulate` turns them into precision/recall (`coco_eval["bbox"].eval`).
 """
-import contextlib
 import copy
-import io
 
 import numpy as np
 import torch
 from pycocotools import mask as coco_mask
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from datasets.coco import fill_annotation_defaults
+from datasets.coco_eval_backends import get_backend, quiet
 from util.misc import all_gather
 
 SUPPORTED_IOU_TYPES = ("bbox", "segm")
-
-
-def _quiet(fn, *args, **kwargs):
-    """Call a pycocotools function with its progress printing captured; returns (result, text)."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        result = fn(*args, **kwargs)
-    return result, buf.getvalue()
 
 
 def _as_list(value):
@@ -83,37 +75,32 @@ def predictions_to_coco_segmentation(predictions):
     return results
 
 
-def _empty_coco():
-    """A COCO object without annotations (COCO.loadRes refuses an empty result list)."""
-    coco, _ = _quiet(COCO)
-    coco.dataset = {"images": [], "annotations": [], "categories": []}
-    return coco
-
-
 class CocoEvaluator:
     """Box AP of predictions against the ground truth `coco_gt` (a pycocotools COCO).
 
     `coco_gt` itself is left unchanged: the evaluator works on a deep copy, whose annotations
     lacking 'iscrowd' or 'area' get the defaults of `datasets.coco.fill_annotation_defaults`.
+    `backend` names the library that computes AP ('pycocotools' or 'faster_coco_eval').
     """
 
-    def __init__(self, coco_gt, iou_types=("bbox",)):
+    def __init__(self, coco_gt, iou_types=("bbox",), backend="pycocotools"):
         iou_types = tuple(iou_types)
         unsupported = [t for t in iou_types if t not in SUPPORTED_IOU_TYPES]
         if unsupported:
             raise ValueError(f"unsupported IoU type(s) {unsupported}: this evaluator supports "
                              f"{list(SUPPORTED_IOU_TYPES)}")
+        self.backend = get_backend(backend)
         # COCOeval writes into the ground truth ('ignore' on every annotation): work on a copy,
         # so the data set's own COCO object stays as it was read
         coco_gt = fill_annotation_defaults(copy.deepcopy(coco_gt))
-        self.coco_gt = coco_gt
         if "segm" in iou_types:
             unmasked = [a["id"] for a in coco_gt.anns.values() if "segmentation" not in a]
             if unmasked:
                 raise ValueError(f"mask AP needs a 'segmentation' in every ground-truth annotation; "
                                  f"annotations {unmasked[:5]} have none")
         self.iou_types = iou_types
-        self.coco_eval = {t: COCOeval(coco_gt, iouType=t) for t in iou_types}
+        self.coco_gt = self.backend.ground_truth(coco_gt)
+        self.coco_eval = {t: self.backend.new_eval(self.coco_gt, t) for t in iou_types}
         self.img_ids = []
         self.eval_imgs = {t: [] for t in iou_types}
         self._merged = False
@@ -139,19 +126,16 @@ class CocoEvaluator:
         for iou_type in self.iou_types:
             results = (predictions_to_coco_segmentation(predictions) if iou_type == "segm"
                        else predictions_to_coco_results(predictions))
-            if results:
-                coco_dt, _ = _quiet(COCO.loadRes, self.coco_gt, results)
-            else:
-                coco_dt = _empty_coco()
             coco_eval = self.coco_eval[iou_type]
-            coco_eval.cocoDt = coco_dt
+            coco_eval.cocoDt = self.backend.load_results(self.coco_gt, results)
             coco_eval.params.imgIds = list(img_ids)
-            _quiet(coco_eval.evaluate)
+            quiet(coco_eval.evaluate)
             # COCOeval orders its per-image results as [category][area range][image].
             num_cats = len(coco_eval.params.catIds) if coco_eval.params.useCats else 1
             num_areas = len(coco_eval.params.areaRng)
-            per_image = np.empty(len(coco_eval.evalImgs), dtype=object)
-            per_image[:] = coco_eval.evalImgs
+            evaluated = self.backend.per_image(coco_eval)
+            per_image = np.empty(len(evaluated), dtype=object)
+            per_image[:] = evaluated
             self.eval_imgs[iou_type].append(per_image.reshape(num_cats, num_areas, len(img_ids)))
 
     def _local_eval_imgs(self, iou_type):
@@ -171,7 +155,7 @@ class CocoEvaluator:
             img_ids, first = np.unique(img_ids, return_index=True)
             eval_imgs = eval_imgs[..., first]
             coco_eval = self.coco_eval[iou_type]
-            coco_eval.evalImgs = list(eval_imgs.flatten())
+            self.backend.set_per_image(coco_eval, list(eval_imgs.flatten()))
             coco_eval.params.imgIds = [int(i) for i in img_ids]
             coco_eval._paramsEval = copy.deepcopy(coco_eval.params)
         self._merged = True
@@ -185,7 +169,7 @@ class CocoEvaluator:
         if not self._merged:
             self._merge(lambda payload: [payload])
         for coco_eval in self.coco_eval.values():
-            _quiet(coco_eval.accumulate)
+            quiet(coco_eval.accumulate)
 
     def summarize(self):
         """Compute `stats` of each COCOeval and return the summary tables as text."""
@@ -194,7 +178,7 @@ class CocoEvaluator:
             if not coco_eval.eval:
                 raise RuntimeError("CocoEvaluator.summarize() called before accumulate(); "
                                    "call accumulate() first")
-            _, text = _quiet(coco_eval.summarize)
+            _, text = quiet(coco_eval.summarize)
             parts.append(f"IoU metric: {iou_type}\n{text}")
         return "".join(parts)
 
