@@ -20,12 +20,12 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-import datasets.coco_eval as coco_eval_module
 import main
 from datasets import toy
 from datasets.coco_eval import CocoEvaluator
 from datasets.coco_eval_backends import CocoEvalBackendError, get_backend
 from tests.mini_coco import mini_coco_dataset, write_mini_coco
+from tests.test_datasets import synchronize_two_ranks
 
 PYCOCOTOOLS_ONE = 1.0 / (1.0 + np.spacing(1.0))  # 1/1 with its eps: 1 - 2**-52
 TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--nheads", "2",
@@ -181,13 +181,7 @@ def test_distributed_merge_gives_the_single_process_numbers(mini, monkeypatch):
         rank1 = CocoEvaluator(mini, backend=backend)
         rank0.update({i: predictions[i] for i in ids[:25]})
         rank1.update({i: predictions[i] for i in ids[24:]})  # ids[24] on both ranks
-        sent = []
-        monkeypatch.setattr(coco_eval_module, "all_gather", lambda data: sent.append(data) or [data])
-        rank1.synchronize_between_processes()
-        monkeypatch.setattr(coco_eval_module, "all_gather", lambda data: [data, sent[0]])
-        rank0.synchronize_between_processes()
-        rank0.accumulate()
-        rank0.summarize()
+        synchronize_two_ranks(rank0, rank1, monkeypatch)
         assert rank0.coco_eval["bbox"].params.imgIds == ids
         assert_same_evaluation(reference, rank0)
 

@@ -601,6 +601,18 @@ def test_evaluator_on_mini_coco_with_awkward_images(mini_folder):
     assert 0 < ap <= 1  # the zero-width ground truth box cannot be matched
 
 
+def synchronize_two_ranks(rank0, rank1, monkeypatch):
+    """rank0.synchronize_between_processes() as if rank1 ran in a second process; then accumulate
+    and summarize on rank 0."""
+    sent = []
+    monkeypatch.setattr(coco_eval_module, "all_gather", lambda data: sent.append(data) or [data])
+    rank1.synchronize_between_processes()
+    monkeypatch.setattr(coco_eval_module, "all_gather", lambda data: [data, sent[0]])
+    rank0.synchronize_between_processes()
+    rank0.accumulate()
+    rank0.summarize()
+
+
 def test_synchronize_merges_processes(monkeypatch):
     coco = clean_gt()
     ids = sorted(coco.imgs)
@@ -613,13 +625,7 @@ def test_synchronize_merges_processes(monkeypatch):
     rank1 = CocoEvaluator(coco)
     rank1.update(no_predictions(ids[6:]))
     rank1.update(gt_predictions(coco, ids[5:6], shift=3.0))
-    sent = []
-    monkeypatch.setattr(coco_eval_module, "all_gather", lambda data: sent.append(data) or [data])
-    rank1.synchronize_between_processes()
-    monkeypatch.setattr(coco_eval_module, "all_gather", lambda data: [data, sent[0]])
-    rank0.synchronize_between_processes()
-    rank0.accumulate()
-    rank0.summarize()
+    synchronize_two_ranks(rank0, rank1, monkeypatch)
     assert rank0.coco_eval["bbox"].params.imgIds == ids
     assert np.allclose(rank0.coco_eval["bbox"].stats, reference.coco_eval["bbox"].stats)
     assert not np.allclose(reference.coco_eval["bbox"].stats[0], 1.0)
