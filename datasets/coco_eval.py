@@ -169,7 +169,7 @@ class CocoEvaluator:
         if not self._merged:
             self._merge(lambda payload: [payload])
         for coco_eval in self.coco_eval.values():
-            quiet(coco_eval.accumulate)
+            self.backend.accumulate(coco_eval)
 
     def summarize(self):
         """Compute `stats` of each COCOeval and return the summary tables as text."""

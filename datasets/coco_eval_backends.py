@@ -5,9 +5,10 @@
     coco_eval = backend.new_eval(gt, "bbox")
     coco_eval.cocoDt = backend.load_results(gt, results)
 
-Both give COCOeval objects with the same `params`, `evaluate`, `accumulate`, `summarize`, `eval`
-and `stats`; they differ in where `evaluate` leaves its per-image results (`per_image` and
-`set_per_image` read and replace them, for the merge across processes).
+Both give COCOeval objects with the same `params`, `evaluate`, `summarize` and `stats`; they
+differ in where `evaluate` leaves its per-image results (`per_image` and `set_per_image` read and
+replace them, for the merge across processes). `backend.accumulate(coco_eval)` leaves the same
+`eval` dict with both (pycocotools' keys and Params), so eval.pth reads the same whichever wrote it.
 
 faster_coco_eval (package faster-coco-eval, Apache-2.0) does the per-image matching and the
 accumulation in C++. Its twelve numbers equal pycocotools' up to one corner: pycocotools divides
@@ -18,8 +19,9 @@ faster_coco_eval. The twelve numbers then differ by at most about 2e-16.
 import contextlib
 import io
 
+import numpy as np
 from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from pycocotools.cocoeval import COCOeval, Params
 
 COCO_EVAL_BACKENDS = ("pycocotools", "faster_coco_eval")
 
@@ -53,6 +55,9 @@ class PycocotoolsBackend:
             coco.dataset = {"images": [], "annotations": [], "categories": []}
             return coco
         return quiet(gt.loadRes, results)[0]
+
+    def accumulate(self, coco_eval):
+        quiet(coco_eval.accumulate)
 
     def per_image(self, coco_eval):
         return coco_eval.evalImgs
@@ -92,6 +97,18 @@ class FasterCocoEvalBackend:
 
     def load_results(self, gt, results):
         return quiet(gt.loadRes, results)[0]  # an empty list gives a COCO without annotations
+
+    def accumulate(self, coco_eval):
+        """accumulate(), then `eval` in pycocotools' form: the same keys, its Params class."""
+        quiet(coco_eval.accumulate)
+        p = coco_eval.params
+        params = Params(iouType=p.iouType)
+        params.imgIds, params.catIds = [int(i) for i in p.imgIds], [int(c) for c in p.catIds]
+        params.iouThrs, params.recThrs = np.array(p.iouThrs), np.array(p.recThrs)
+        params.maxDets, params.areaRng = list(p.maxDets), [list(r) for r in p.areaRng]
+        params.areaRngLbl, params.useCats = list(p.areaRngLbl), p.useCats
+        coco_eval.eval = {"params": params, **{k: coco_eval.eval[k] for k in (
+            "counts", "date", "precision", "recall", "scores")}}
 
     def per_image(self, coco_eval):
         return coco_eval._evalImgs_cpp

@@ -20,12 +20,14 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
+import datasets.coco_eval as coco_eval_module
 import main
 from datasets import toy
 from datasets.coco_eval import CocoEvaluator
 from datasets.coco_eval_backends import CocoEvalBackendError, get_backend
 from tests.mini_coco import mini_coco_dataset, write_mini_coco
 from tests.test_datasets import synchronize_two_ranks
+from util.plot_utils import load_eval
 
 PYCOCOTOOLS_ONE = 1.0 / (1.0 + np.spacing(1.0))  # 1/1 with its eps: 1 - 2**-52
 TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--nheads", "2",
@@ -224,20 +226,27 @@ def test_mask_ap_gives_pycocotools_numbers(toy_val):
     assert 0.05 < results["pycocotools"].coco_eval["segm"].stats[0] < 0.95
 
 
-def test_main_eval_with_either_backend(tmp_path):
+def test_main_eval_with_either_backend(tmp_path, monkeypatch):
     """`main.py --eval` of a real (untrained, 120 queries) model on the toy set: the option reaches
-    the evaluator (eval.pth comes from the library asked for) and both give the same numbers (0
-    and -1 here, for an untrained model: the random detections above test the arithmetic)."""
+    the evaluator, and both backends give the same numbers (0 and -1 here, for an untrained model:
+    the random detections above test the arithmetic) and eval.pth files of the same form."""
+    asked = []
+    real_get_backend = coco_eval_module.get_backend
+    monkeypatch.setattr(coco_eval_module, "get_backend", lambda name: asked.append(name) or real_get_backend(name))
     toy_args = ["--dataset_file", "toy", "--toy_path", str(tmp_path / "toy"), "--toy_num_train", "1",
                 "--toy_num_val", "6", "--batch_size", "3"]
-    stats = {}
+    stats, saved = {}, {}
     for backend in ("pycocotools", "faster_coco_eval"):
         out = tmp_path / backend
         stats[backend] = main.run(["--eval", "--output_dir", str(out), *toy_args, *TINY,
                                    "--coco_eval_backend", backend])["coco_eval_bbox"]
-        saved = torch.load(out / "eval.pth", weights_only=False)
-        assert type(saved["params"]).__module__.split(".")[0] == backend
+        saved[backend] = load_eval(out / "eval.pth")  # what util.plot_utils reads
+    assert asked == ["pycocotools", "faster_coco_eval"]
     assert stats["faster_coco_eval"] == stats["pycocotools"]
+    assert saved["faster_coco_eval"].keys() == saved["pycocotools"].keys()
+    for key in ("precision", "recall", "scores"):
+        np.testing.assert_array_equal(saved["faster_coco_eval"][key], saved["pycocotools"][key])
+    assert vars(saved["faster_coco_eval"]["params"]).keys() == vars(saved["pycocotools"]["params"]).keys()
 
 
 def test_missing_package_is_one_clear_message(tmp_path, monkeypatch):
