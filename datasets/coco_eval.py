@@ -127,7 +127,7 @@ class CocoEvaluator:
             results = (predictions_to_coco_segmentation(predictions) if iou_type == "segm"
                        else predictions_to_coco_results(predictions))
             coco_eval = self.coco_eval[iou_type]
-            coco_eval.cocoDt = self.backend.load_results(self.coco_gt, results)
+            coco_eval.cocoDt = self.backend.load_results(self.coco_gt, img_ids, results)
             coco_eval.params.imgIds = list(img_ids)
             quiet(coco_eval.evaluate)
             # COCOeval orders its per-image results as [category][area range][image].

@@ -3,7 +3,7 @@
     backend = get_backend("faster_coco_eval")     # or "pycocotools" (the default)
     gt = backend.ground_truth(coco)               # coco: a pycocotools COCO, annotations complete
     coco_eval = backend.new_eval(gt, "bbox")
-    coco_eval.cocoDt = backend.load_results(gt, results)
+    coco_eval.cocoDt = backend.load_results(gt, img_ids, results)   # one batch of images
 
 Both give COCOeval objects with the same `params`, `evaluate`, `summarize` and `stats`; they
 differ in where `evaluate` leaves its per-image results (`per_image` and `set_per_image` read and
@@ -38,6 +38,18 @@ def quiet(fn, *args, **kwargs):
     return result, buf.getvalue()
 
 
+def _load_batch_results(coco_class, gt, img_ids, results):
+    """The detections `results` on the images `img_ids` of `gt`, as a `coco_class` (its loadRes).
+
+    loadRes copies and indexes every image of the COCO it is called on; called on a view of the
+    batch's images only, a batch costs its own size rather than the whole split's.
+    """
+    view, _ = quiet(coco_class)
+    view.dataset = {"images": [gt.imgs[i] for i in img_ids], "categories": list(gt.cats.values())}
+    quiet(view.createIndex)
+    return quiet(view.loadRes, results)[0]
+
+
 class PycocotoolsBackend:
     """The reference implementation (pure Python over numpy)."""
 
@@ -49,12 +61,12 @@ class PycocotoolsBackend:
     def new_eval(self, gt, iou_type):
         return COCOeval(gt, iouType=iou_type)
 
-    def load_results(self, gt, results):
+    def load_results(self, gt, img_ids, results):
         if not results:  # pycocotools' loadRes refuses an empty list: a COCO without annotations
             coco, _ = quiet(COCO)
             coco.dataset = {"images": [], "annotations": [], "categories": []}
             return coco
-        return quiet(gt.loadRes, results)[0]
+        return _load_batch_results(COCO, gt, img_ids, results)
 
     def accumulate(self, coco_eval):
         quiet(coco_eval.accumulate)
@@ -95,8 +107,9 @@ class FasterCocoEvalBackend:
         # evaluator captures, rather than to this library's logger on every batch
         return self._lib.COCOeval_faster(gt, iouType=iou_type, separate_eval=True, print_function=print)
 
-    def load_results(self, gt, results):
-        return quiet(gt.loadRes, results)[0]  # an empty list gives a COCO without annotations
+    def load_results(self, gt, img_ids, results):
+        # an empty list gives a COCO without annotations
+        return _load_batch_results(self._lib.COCO, gt, img_ids, results)
 
     def accumulate(self, coco_eval):
         """accumulate(), then `eval` in pycocotools' form: the same keys, its Params class."""

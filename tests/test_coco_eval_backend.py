@@ -10,20 +10,23 @@ of 1/1 is 1 - 2**-52 in pycocotools and 1.0 in faster_coco_eval. `assert_same_ev
 exactly that and nothing else in the precision table, and 1e-12 in the twelve numbers.
 """
 import contextlib
+import copy
 import io
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 import datasets.coco_eval as coco_eval_module
 import main
 from datasets import toy
-from datasets.coco_eval import CocoEvaluator
+from datasets.coco_eval import CocoEvaluator, predictions_to_coco_results
 from datasets.coco_eval_backends import CocoEvalBackendError, get_backend
 from tests.mini_coco import mini_coco_dataset, write_mini_coco
 from tests.test_datasets import synchronize_two_ranks
@@ -142,6 +145,20 @@ def test_mini_set_gives_pycocotools_numbers(mini):
     assert sum(len(p["labels"]) == 0 for p in predictions.values()) >= 5
 
 
+def test_batches_give_one_plain_cocoeval_run(toy_val):
+    """CocoEvaluator (batches, merge) against pycocotools' COCOeval run once on all detections."""
+    predictions = random_detections(toy_val, seed=7, crowded_image=2)
+    gt = copy.deepcopy(toy_val)
+    with contextlib.redirect_stdout(io.StringIO()):
+        plain = COCOeval(gt, gt.loadRes(predictions_to_coco_results(predictions)), iouType="bbox")
+        plain.evaluate()
+        plain.accumulate()
+        plain.summarize()
+    reference = SimpleNamespace(coco_eval={"bbox": plain})
+    for backend in ("pycocotools", "faster_coco_eval"):
+        assert_same_evaluation(reference, evaluate(toy_val, in_batches(predictions, 3), backend))
+
+
 def test_a_backend_with_other_max_dets_fails_the_comparison(mini):
     """maxDets matters on these data: the comparison would catch a backend that got it wrong."""
     predictions = random_detections(mini, seed=0, crowded_image=1)
@@ -200,8 +217,10 @@ def square_masks(coco, rng):
             masks.append(mask)
             scores.append(float(rng.random()))
             labels.append(ann["category_id"])
-        predictions[image_id] = {"masks": torch.tensor(np.array(masks)).reshape(-1, 1, info["height"], info["width"]),
-                                 "scores": torch.tensor(scores), "labels": torch.tensor(labels, dtype=torch.int64)}
+        shape = (-1, 1, info["height"], info["width"])
+        predictions[image_id] = {"masks": torch.tensor(np.array(masks)).reshape(shape),
+                                 "scores": torch.tensor(scores),
+                                 "labels": torch.tensor(labels, dtype=torch.int64)}
     return predictions
 
 
@@ -232,7 +251,8 @@ def test_main_eval_with_either_backend(tmp_path, monkeypatch):
     the random detections above test the arithmetic) and eval.pth files of the same form."""
     asked = []
     real_get_backend = coco_eval_module.get_backend
-    monkeypatch.setattr(coco_eval_module, "get_backend", lambda name: asked.append(name) or real_get_backend(name))
+    monkeypatch.setattr(coco_eval_module, "get_backend",
+                        lambda name: asked.append(name) or real_get_backend(name))
     toy_args = ["--dataset_file", "toy", "--toy_path", str(tmp_path / "toy"), "--toy_num_train", "1",
                 "--toy_num_val", "6", "--batch_size", "3"]
     stats, saved = {}, {}

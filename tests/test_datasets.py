@@ -607,7 +607,9 @@ def synchronize_two_ranks(rank0, rank1, monkeypatch):
     sent = []
     monkeypatch.setattr(coco_eval_module, "all_gather", lambda data: sent.append(data) or [data])
     rank1.synchronize_between_processes()
-    monkeypatch.setattr(coco_eval_module, "all_gather", lambda data: [data, sent[0]])
+    # all_gather pickles what it sends: so does the second "process" here
+    monkeypatch.setattr(coco_eval_module, "all_gather",
+                        lambda data: [data, pickle.loads(pickle.dumps(sent[0]))])
     rank0.synchronize_between_processes()
     rank0.accumulate()
     rank0.summarize()
