@@ -261,7 +261,8 @@ def predict(args, model_command_line):
         for i, (k, found) in enumerate(zip(batch, postprocess(outputs, orig_sizes))):
             detections = coco_results(found, k + 1, paths[k], args.threshold, category_names)
             results += detections
-            draw_picture(images[i], detections).save(os.path.join(args.output_dir, f"{names[k]}.png"))
+            picture = draw_picture(images[i], detections)
+            picture.save(os.path.join(args.output_dir, f"{names[k]}.png"))
             if args.attention:
                 save_attention(os.path.join(args.output_dir, "attention", f"{names[k]}.png"),
                                images[i], found, captured, i, args.attention_points, category_names,

@@ -132,11 +132,13 @@ def test_backbone_returns_detr_keys_channels_and_strides():
     assert backbone.num_channels == 2048
     out = backbone(samples)
     assert list(out) == ["0", "1", "2", "3"]
-    for (key, feature), channels, stride in zip(out.items(), (256, 512, 1024, 2048), (4, 8, 16, 32)):
+    layers = zip(out.items(), (256, 512, 1024, 2048), (4, 8, 16, 32))
+    for (key, feature), channels, stride in layers:
         assert feature.tensors.shape == (2, channels, 64 // stride, 128 // stride), key
         assert feature.mask.shape == (2, 64 // stride, 128 // stride), key
         # image 0 is 96 wide, image 1 40 high; nearest resizing keeps the cells that start inside
-        assert not feature.mask[0, :, :96 // stride].any() and feature.mask[0, :, 96 // stride:].all()
+        columns = 96 // stride
+        assert not feature.mask[0, :, :columns].any() and feature.mask[0, :, columns:].all()
         rows = -(-40 // stride)
         assert not feature.mask[1, :rows].any() and feature.mask[1, rows:].all()
     keys = backbone.state_dict().keys()

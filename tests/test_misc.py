@@ -36,7 +36,8 @@ def test_interpolate_is_f_interpolate_with_detrs_argument_order():
                                    F.interpolate(x, scale_factor=1.5, mode="bilinear",
                                                  align_corners=align_corners))
     # an empty batch (no detections to upsample masks for) keeps its shape
-    empty = utils.interpolate(torch.rand(0, 3, 5, 7), size=[9, 4], mode="bilinear", align_corners=False)
+    empty = utils.interpolate(torch.rand(0, 3, 5, 7), size=[9, 4], mode="bilinear",
+                              align_corners=False)
     assert empty.shape == (0, 3, 9, 4)
     assert utils.interpolate(torch.rand(0, 1, 5, 7), scale_factor=2.0).shape == (0, 1, 10, 14)
     with warnings.catch_warnings():
@@ -52,7 +53,8 @@ def test_interpolate_is_f_interpolate_with_detrs_argument_order():
 def git(cwd, *args):
     command = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c",
                "commit.gpgsign=false", *args]
-    return subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+    done = subprocess.run(command, cwd=cwd, check=True, capture_output=True, text=True)
+    return done.stdout.strip()
 
 
 @pytest.fixture

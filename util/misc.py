@@ -87,8 +87,9 @@ def nested_tensor_from_tensor_list(tensor_list: Union[Tensor, List[Tensor]]) -> 
     return NestedTensor(tensors, mask)
 
 
-def interpolate(input: Tensor, size: Optional[List[int]] = None, scale_factor: Optional[float] = None,
-                mode: str = "nearest", align_corners: Optional[bool] = None) -> Tensor:
+def interpolate(input: Tensor, size: Optional[List[int]] = None,
+                scale_factor: Optional[float] = None, mode: str = "nearest",
+                align_corners: Optional[bool] = None) -> Tensor:
     """F.interpolate under DETR's name and signature. DETR needed its own for empty batches, which
     F.interpolate now handles itself."""
     return F.interpolate(input, size, scale_factor, mode, align_corners)
@@ -167,7 +168,8 @@ def init_distributed_mode(args):
         args.dist_backend = "nccl"
     else:
         args.dist_backend = "gloo"
-    if args.dist_url == "env://" and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+    launcher_address = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+    if args.dist_url == "env://" and not launcher_address:
         raise SystemExit("distributed run without MASTER_ADDR and MASTER_PORT in the environment "
                          "(as under SLURM): export both, or pass --dist_url tcp://HOST:PORT")
     store = restart_store(args.world_size) if args.dist_url == "env://" else None
