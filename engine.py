@@ -101,8 +101,8 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
     criterion.eval()
     metric_logger = utils.MetricLogger(delimiter="  ")
     metric_logger.add_meter("class_error", utils.SmoothedValue(window_size=1, fmt="{value:.2f}"))
-    coco_evaluator = CocoEvaluator(base_ds, tuple(k for k in ("bbox", "segm") if k in postprocessors),
-                                   backend=coco_eval_backend)
+    iou_types = tuple(k for k in ("bbox", "segm") if k in postprocessors)
+    coco_evaluator = CocoEvaluator(base_ds, iou_types, backend=coco_eval_backend)
     panoptic_evaluator = None
     if "panoptic" in postprocessors:
         panoptic_evaluator = PanopticEvaluator.from_dataset(data_loader.dataset)

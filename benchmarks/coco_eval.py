@@ -32,7 +32,8 @@ WIDTH, HEIGHT = 640, 480
 def synthetic_ground_truth(num_images, num_categories, rng):
     images, annotations = [], []
     for image_id in range(1, num_images + 1):
-        images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg", "width": WIDTH, "height": HEIGHT})
+        images.append({"id": image_id, "file_name": f"{image_id:012d}.jpg",
+                       "width": WIDTH, "height": HEIGHT})
         num_objects = 0 if rng.random() < 0.01 else int(rng.poisson(7))
         for _ in range(num_objects):
             side = float(np.exp(rng.uniform(np.log(8), np.log(400))))  # small, medium and large
@@ -44,8 +45,8 @@ def synthetic_ground_truth(num_images, num_categories, rng):
                                 "bbox": [x, y, w, h], "area": w * h * rng.uniform(0.5, 0.9),
                                 "iscrowd": int(rng.random() < 0.01)})
     coco, _ = quiet(COCO)
-    coco.dataset = {"images": images, "annotations": annotations,
-                    "categories": [{"id": c, "name": f"class{c}"} for c in range(1, num_categories + 1)]}
+    categories = [{"id": c, "name": f"class{c}"} for c in range(1, num_categories + 1)]
+    coco.dataset = {"images": images, "annotations": annotations, "categories": categories}
     quiet(coco.createIndex)
     return coco
 
@@ -99,9 +100,11 @@ def main(argv=None):
     parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--per_image", type=int, default=100, help="detections per image")
     parser.add_argument("--categories", type=int, default=80)
-    parser.add_argument("--batch_size", type=int, default=2, help="images per update (DETR's default)")
+    parser.add_argument("--batch_size", type=int, default=2,
+                        help="images per update (DETR's default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backends", nargs="+", default=list(COCO_EVAL_BACKENDS), choices=COCO_EVAL_BACKENDS)
+    parser.add_argument("--backends", nargs="+", default=list(COCO_EVAL_BACKENDS),
+                        choices=COCO_EVAL_BACKENDS)
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(args.seed)
@@ -111,12 +114,12 @@ def main(argv=None):
           f"({sum(a['iscrowd'] for a in coco.anns.values())} crowd), {args.categories} categories, "
           f"{args.per_image} detections per image, batches of {args.batch_size}")
 
-    results = {backend: run(backend, coco, predictions, args.batch_size) for backend in args.backends}
+    results = {b: run(b, coco, predictions, args.batch_size) for b in args.backends}
     reference, base = results[args.backends[0]][0], results[args.backends[0]][1]["total"]
     print(f"{'backend':<18}{'update s':>10}{'accumulate s':>14}{'total s':>10}{'ratio':>8}")
     for backend, (_, times) in results.items():
-        print(f"{backend:<18}{times['update']:>10.1f}{times['accumulate']:>14.2f}{times['total']:>10.1f}"
-              f"{base / times['total']:>7.1f}x")
+        print(f"{backend:<18}{times['update']:>10.1f}{times['accumulate']:>14.2f}"
+              f"{times['total']:>10.1f}{base / times['total']:>7.1f}x")
     print("AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl:")
     for backend, (stats, _) in results.items():
         print(f"  {backend:<18}" + " ".join(f"{s:.4f}" for s in stats))

@@ -94,7 +94,7 @@ class FasterCocoEvalBackend:
         self._lib = faster_coco_eval
 
     def ground_truth(self, coco):
-        """The same images, annotations (the very dicts) and categories as faster_coco_eval's COCO."""
+        """The images, annotations (the very dicts) and categories as faster_coco_eval's COCO."""
         gt, _ = quiet(self._lib.COCO)
         gt.dataset = {"images": list(coco.imgs.values()), "annotations": list(coco.anns.values()),
                       "categories": list(coco.cats.values())}
@@ -105,7 +105,8 @@ class FasterCocoEvalBackend:
         # separate_eval keeps the per-image results (the default fuses evaluate and accumulate,
         # which leaves nothing to merge across processes); printing goes to stdout, which the
         # evaluator captures, rather than to this library's logger on every batch
-        return self._lib.COCOeval_faster(gt, iouType=iou_type, separate_eval=True, print_function=print)
+        return self._lib.COCOeval_faster(gt, iouType=iou_type, separate_eval=True,
+                                         print_function=print)
 
     def load_results(self, gt, img_ids, results):
         # an empty list gives a COCO without annotations

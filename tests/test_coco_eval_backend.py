@@ -33,9 +33,9 @@ from tests.test_datasets import synchronize_two_ranks
 from util.plot_utils import load_eval
 
 PYCOCOTOOLS_ONE = 1.0 / (1.0 + np.spacing(1.0))  # 1/1 with its eps: 1 - 2**-52
-TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32", "--nheads", "2",
-        "--dim_feedforward", "64", "--enc_layers", "1", "--dec_layers", "1", "--num_queries", "120",
-        "--device", "cpu", "--num_workers", "0", "--vis_images", "0"]
+TINY = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "32",
+        "--nheads", "2", "--dim_feedforward", "64", "--enc_layers", "1", "--dec_layers", "1",
+        "--num_queries", "120", "--device", "cpu", "--num_workers", "0", "--vis_images", "0"]
 
 
 def coco_from_dict(dataset):
@@ -61,9 +61,11 @@ def random_detections(coco, seed, crowded_image=None):
         if n % 5 != 4:
             for ann in coco.imgToAnns[image_id]:  # crowd regions too: a crowd can be detected
                 for _ in range(int(rng.integers(0, 3))):
-                    x, y, w, h = np.asarray(ann["bbox"]) + rng.normal(0, 0.05 * max(ann["bbox"][2:]), 4)
+                    noise = rng.normal(0, 0.05 * max(ann["bbox"][2:]), 4)
+                    x, y, w, h = np.asarray(ann["bbox"]) + noise
                     boxes.append([x, y, x + abs(w), y + abs(h)])
-                    labels.append(ann["category_id"] if rng.random() < 0.85 else int(rng.choice(cat_ids)))
+                    wrong = int(rng.choice(cat_ids))
+                    labels.append(ann["category_id"] if rng.random() < 0.85 else wrong)
                     scores.append(float(rng.random()))
             for _ in range(int(rng.integers(0, 6))):
                 x, y = rng.uniform(0, info["width"]), rng.uniform(0, info["height"])
@@ -127,7 +129,8 @@ def mini():
 
 @pytest.fixture(scope="module")
 def toy_val(tmp_path_factory):
-    root = toy.generate_toy_coco(str(tmp_path_factory.mktemp("toy") / "toy_data"), num_train=1, num_val=60)
+    root = str(tmp_path_factory.mktemp("toy") / "toy_data")
+    toy.generate_toy_coco(root, num_train=1, num_val=60)
     with open(os.path.join(root, "annotations", "instances_val2017.json")) as f:
         return coco_from_dict(json.load(f))
 
@@ -191,7 +194,7 @@ def test_no_detections_and_nothing_evaluated(mini):
 
 
 def test_distributed_merge_gives_the_single_process_numbers(mini, monkeypatch):
-    """Two "processes" with a shared (padding) image: their per-image results gathered and merged."""
+    """Two "processes" sharing a (padding) image: their per-image results gathered and merged."""
     predictions = random_detections(mini, seed=1, crowded_image=5)
     ids = sorted(predictions)
     reference = evaluate(mini, [predictions], "pycocotools")
@@ -237,7 +240,8 @@ def test_mask_ap_gives_pycocotools_numbers(toy_val):
     for backend in ("pycocotools", "faster_coco_eval"):
         evaluator = CocoEvaluator(coco, ("bbox", "segm"), backend=backend)
         for batch in in_batches(predictions, 16):
-            evaluator.update({i: dict(p, boxes=torch.zeros(len(p["labels"]), 4)) for i, p in batch.items()})
+            evaluator.update({i: dict(p, boxes=torch.zeros(len(p["labels"]), 4))
+                              for i, p in batch.items()})
         evaluator.accumulate()
         evaluator.summarize()
         results[backend] = evaluator
@@ -253,8 +257,8 @@ def test_main_eval_with_either_backend(tmp_path, monkeypatch):
     real_get_backend = coco_eval_module.get_backend
     monkeypatch.setattr(coco_eval_module, "get_backend",
                         lambda name: asked.append(name) or real_get_backend(name))
-    toy_args = ["--dataset_file", "toy", "--toy_path", str(tmp_path / "toy"), "--toy_num_train", "1",
-                "--toy_num_val", "6", "--batch_size", "3"]
+    toy_args = ["--dataset_file", "toy", "--toy_path", str(tmp_path / "toy"),
+                "--toy_num_train", "1", "--toy_num_val", "6", "--batch_size", "3"]
     stats, saved = {}, {}
     for backend in ("pycocotools", "faster_coco_eval"):
         out = tmp_path / backend
@@ -266,7 +270,8 @@ def test_main_eval_with_either_backend(tmp_path, monkeypatch):
     assert saved["faster_coco_eval"].keys() == saved["pycocotools"].keys()
     for key in ("precision", "recall", "scores"):
         np.testing.assert_array_equal(saved["faster_coco_eval"][key], saved["pycocotools"][key])
-    assert vars(saved["faster_coco_eval"]["params"]).keys() == vars(saved["pycocotools"]["params"]).keys()
+    fast_params, params = saved["faster_coco_eval"]["params"], saved["pycocotools"]["params"]
+    assert vars(fast_params).keys() == vars(params).keys()
 
 
 def test_missing_package_is_one_clear_message(tmp_path, monkeypatch):
