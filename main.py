@@ -7,6 +7,7 @@
     python main.py --train_ann train.json --train_images train.zip --val_ann val.json \
         --val_images val/ --finetune rpe-2.0-product-ctx-1-k.pth --enc_rpe2d rpe-2.0-product-ctx-1-k
 """
+import util.cpu_allocator  # noqa: F401  (first: it configures torch's allocator before its import)
 import argparse
 import datetime
 import json

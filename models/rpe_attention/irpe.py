@@ -270,6 +270,21 @@ class iRPE(nn.Module):
             return compute_bucket_ids(self.method, self.ratio, height, width, self.skip, device)
         return bucket_ids(self.method, self.ratio, int(height), int(width), self.skip, device)
 
+    @torch.jit.unused
+    def lookup(self, x: Tensor, height: Optional[int] = None,
+               width: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+        """For q or k: (table, ids) with forward(x) = table[b, h, i, ids[i, j]], before the lookup.
+
+        table (B or 1, H or 1, L, num_buckets) (a broadcast view in bias mode), ids (L, L).
+        """
+        if not self.transposed:
+            raise ValueError("iRPE.lookup is for the encodings of q and k")
+        ids = self.bucket_ids(x.shape[2], height, width, x.device)
+        if self.lookup_table_bias is not None:
+            bias = self.lookup_table_bias
+            return bias[None, :, None, :].expand(1, bias.shape[0], x.shape[2], bias.shape[1]), ids
+        return torch.matmul(x, self.lookup_table_weight), ids
+
     def forward(self, x: Tensor, height: Optional[int] = None, width: Optional[int] = None) -> Tensor:
         ids = self.bucket_ids(x.shape[2], height, width, x.device)
         bias, weight = self.lookup_table_bias, self.lookup_table_weight

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .irpe import build_rpe
-from .rpe_attention_function import apply_masks, merge_heads, split_heads
+from rpe_ops.attention import attention_weights, fused_attention_available
+
+from .irpe import build_rpe, iRPE
+from .rpe_attention_function import apply_masks, as_additive_mask, merge_heads, split_heads
 
 
 class RPEMultiheadAttention(nn.Module):
@@ -35,6 +37,8 @@ class RPEMultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim)) if bias else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.rpe_q, self.rpe_k, self.rpe_v = build_rpe(rpe_config, self.head_dim, num_heads)
+        # the compiled CPU kernel for steps 2 to 4 of forward where it applies (see _fused_weights)
+        self.use_fused_kernels = True
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -43,6 +47,35 @@ class RPEMultiheadAttention(nn.Module):
         if self.in_proj_bias is not None:
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
+
+    @torch.jit.unused
+    def _fused_applies(self, q: Tensor) -> bool:
+        return (self.use_fused_kernels and fused_attention_available(q.device, q.dtype)
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
+    @torch.jit.unused
+    def _fused_weights(self, q: Tensor, k: Tensor, attn_mask: Optional[Tensor],
+                       key_padding_mask: Optional[Tensor], height: Optional[int],
+                       width: Optional[int], scaling: float) -> Tensor:
+        """Steps 2 to 4 below in the compiled kernel of rpe_ops.attention: the same weights up to
+        float rounding (the dropout draws differ), fewer passes over the (N, H, L, S) logits."""
+        lookup = index = extra = None
+        if isinstance(self.rpe_k, iRPE):
+            lookup, index = self.rpe_k.lookup(q, height, width)
+        elif self.rpe_k is not None:
+            extra = self.rpe_k(q, height, width)
+        if self.rpe_q is not None:
+            term = self.rpe_q(k * scaling, height, width).transpose(-2, -1)
+            extra = term if extra is None else extra + term
+        if attn_mask is not None:
+            if extra is None:
+                extra = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            extra = apply_masks(extra, attn_mask, None)
+        key_bias = None
+        if key_padding_mask is not None:
+            key_bias = as_additive_mask(key_padding_mask, q.dtype)
+        dropout_p = self.dropout if self.training else 0.0
+        return attention_weights(q, k, lookup, index, extra, key_bias, dropout_p)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
@@ -75,19 +108,22 @@ class RPEMultiheadAttention(nn.Module):
         k = split_heads(F.linear(key, w_k, b_k), self.num_heads)
         v = split_heads(F.linear(value, w_v, b_v), self.num_heads)
 
-        # 2. logits with the relative position terms: on k from the (scaled) queries, on q from the
-        #    (scaled) keys, transposed to (query, key) order
-        logits = q @ k.transpose(-2, -1)
-        if self.rpe_k is not None:
-            logits = logits + self.rpe_k(q, height, width)
-        if self.rpe_q is not None:
-            logits = logits + self.rpe_q(k * scaling, height, width).transpose(-2, -1)
+        if not torch.jit.is_scripting() and self._fused_applies(q):
+            attn = self._fused_weights(q, k, attn_mask, key_padding_mask, height, width, scaling)
+        else:
+            # 2. logits with the relative position terms: on k from the (scaled) queries, on q
+            #    from the (scaled) keys, transposed to (query, key) order
+            logits = q @ k.transpose(-2, -1)
+            if self.rpe_k is not None:
+                logits = logits + self.rpe_k(q, height, width)
+            if self.rpe_q is not None:
+                logits = logits + self.rpe_q(k * scaling, height, width).transpose(-2, -1)
 
-        # 3. masks
-        logits = apply_masks(logits, attn_mask, key_padding_mask)
+            # 3. masks
+            logits = apply_masks(logits, attn_mask, key_padding_mask)
 
-        # 4. weights
-        attn = F.dropout(logits.softmax(dim=-1), p=self.dropout, training=self.training)
+            # 4. weights
+            attn = F.dropout(logits.softmax(dim=-1), p=self.dropout, training=self.training)
 
         # 5. output, with the relative position term on v from the same (dropped-out) weights
         out = attn @ v

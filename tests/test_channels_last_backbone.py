@@ -1,0 +1,46 @@
+"""The backbone runs in channels-last layout (a speed path): the same features and gradients as
+torchvision's ResNet in its default layout, and the same state_dict."""
+import copy
+
+import torch
+import torchvision
+
+from models.backbone import Backbone, FrozenBatchNorm2d
+from util.misc import nested_tensor_from_tensor_list
+
+
+def test_channels_last_backbone_equals_the_default_layout_in_values_and_gradients():
+    torch.manual_seed(0)
+    backbone = Backbone("resnet18", train_backbone=True, return_interm_layers=True, dilation=False)
+    with torch.no_grad():  # frozen statistics away from the identity, as in a trained model
+        for m in backbone.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2)
+    assert backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    reference = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)
+    missing, unexpected = reference.load_state_dict(
+        {k[len("body."):]: v for k, v in backbone.state_dict().items()}, strict=False)
+    assert unexpected == [] and missing == ["fc.weight", "fc.bias"]
+    assert reference.conv1.weight.is_contiguous()  # default layout: loading keeps each side's
+
+    images = [torch.randn(3, 70, 90), torch.randn(3, 64, 61)]
+    features = backbone(nested_tensor_from_tensor_list(images))
+    x = nested_tensor_from_tensor_list(images).tensors
+    expected = []
+    x = reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
+    for layer in (reference.layer1, reference.layer2, reference.layer3, reference.layer4):
+        x = layer(x)
+        expected.append(x)
+    weights = [torch.randn_like(e) for e in expected]
+    sum((f.tensors * w).sum() for f, w in zip(features.values(), weights)).backward()
+    sum((e * w).sum() for e, w in zip(expected, weights)).backward()
+    for f, e in zip(features.values(), expected):  # float rounding relative to the map's scale
+        assert (f.tensors - e).abs().max() <= 1e-5 * e.abs().max()
+    named = dict(reference.named_parameters())
+    for name, p in backbone.body.named_parameters():
+        if p.grad is not None:
+            assert (p.grad - named[name].grad).abs().max() <= 1e-5 * named[name].grad.abs().max()
+    assert backbone.body.layer2[0].conv1.weight.grad is not None  # layers 2-4 train
