@@ -129,12 +129,12 @@ def test_sdpa_path_equals_the_plain_path_on_cuda_float32(method, mode, rpe_on, t
     layer = make_layer(method, mode, rpe_on, device="cuda").train(train)
     x = torch.randn(30, 2, 32, device="cuda")
     kwargs = {"key_padding_mask": padding(device="cuda"), "hw": (5, 6)}
-    with torch.backends.cuda.matmul.flags(allow_tf32=False):  # the reference in full float32
-        layer.use_fused_kernels = False
-        plain = run(layer, x, **kwargs)
-        assert not calls
-        layer.use_fused_kernels = True
-        fused = run(layer, x, **kwargs)
+    # PyTorch's float32 matmuls do not use TF32 unless told to: the reference is full float32
+    layer.use_fused_kernels = False
+    plain = run(layer, x, **kwargs)
+    assert not calls
+    layer.use_fused_kernels = True
+    fused = run(layer, x, **kwargs)
     assert calls, "forward did not take the SDPA path on CUDA"
     for a, b in zip(fused, plain):
         assert_close_relative(a, b, 2e-5)
@@ -179,7 +179,7 @@ def test_memory_efficient_kernel_takes_the_bias_and_returns_its_gradient():
     bias = (torch.randn(2, 8, 950, 950, device="cuda") * 0.5).requires_grad_()
     results = []
     for backend in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
-        with sdpa_kernel([backend]), torch.backends.cuda.matmul.flags(allow_tf32=False):
+        with sdpa_kernel([backend]):
             out = F.scaled_dot_product_attention(q * 32 ** -0.5, k, v, attn_mask=bias, scale=1.0)
         grads = torch.autograd.grad(out.square().sum(), (q, k, v, bias))
         results.append([out, *grads])
