@@ -65,7 +65,8 @@ echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS logs: $OUT_D
 # for an up-to-date one
 touch rpe_ops/csrc/*
 step build_rpe_ops 300 env FORCE_CUDA=1 PYTHON="$PYTHON" bash rpe_ops/build.sh
-step cuda_tests 300 "$PYTHON" -m pytest tests -q -k "cuda or sdpa or amp" -p no:cacheprovider -rs
+# RPE_OPS_REQUIRE_EXTENSION=1: the tests of the compiled kernels fail, not skip, without them
+step cuda_tests 300 env RPE_OPS_REQUIRE_EXTENSION=1 "$PYTHON" -m pytest tests -q -k "cuda or sdpa or amp" -p no:cacheprovider -rs
 step rpe_ops_benchmark 120 "$PYTHON" -m rpe_ops.benchmark --device cuda --repeat 20
 if [ -z "$PUBLISHED" ]; then
     not_run build_published "skipped: no published folder given (argument or \$PUBLISHED)"
@@ -78,7 +79,7 @@ else
     # --force: a library built without CUDA may be there already, newer than the sources
     step build_published 240 bash -c "cd '$PUBLISHED/rpe_ops' && '$PYTHON' setup.py build_ext --inplace --force"
     step vs_published 420 "$PYTHON" benchmarks/vs_published.py --published "$PUBLISHED" \
-        --device cuda --threads 16 --amp --rounds 1 --repeats 5 \
+        --device cuda --threads 16 --amp --rounds 1 --repeats 3 \
         --targets attention,irpe_k,train_step,inference --json "$OUT_DIR/vs_published.json"
 fi
 
@@ -92,5 +93,9 @@ for i in "${!names[@]}"; do
 done
 if [ -f "$OUT_DIR/cuda_tests.log" ]; then
     echo "tests: $(grep -E '[0-9]+ (passed|failed)' "$OUT_DIR/cuda_tests.log" | tail -n 1)"
+fi
+if grep -q '^target ' "$OUT_DIR/vs_published.log" 2>/dev/null; then
+    echo "vs_published (CUDA, --amp):"
+    grep -A 4 '^target ' "$OUT_DIR/vs_published.log"
 fi
 exit "$failed"
