@@ -170,21 +170,23 @@ def test_sdpa_path_at_coco_size_under_bfloat16_autocast(train):
 
 
 @CUDA
-def test_memory_efficient_kernel_takes_the_bias_and_returns_its_gradient():
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_memory_efficient_kernel_takes_the_bias_and_returns_its_gradient(dtype, rtol):
     """The path's preferred kernel accepts an unaligned (N, H, L, S) bias that needs a gradient
-    and agrees with the math kernel."""
+    (it raises if it cannot run) and agrees with the math kernel in float32."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 8, 950, 32, device="cuda", requires_grad=True) for _ in range(3))
-    bias = (torch.randn(2, 8, 950, 950, device="cuda") * 0.5).requires_grad_()
+    inputs = [torch.randn(2, 8, 950, 32, device="cuda") for _ in range(3)]
+    inputs.append(torch.randn(2, 8, 950, 950, device="cuda") * 0.5)
     results = []
-    for backend in (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+    for backend, kind in ((SDPBackend.EFFICIENT_ATTENTION, dtype), (SDPBackend.MATH, torch.float32)):
+        q, k, v, bias = (t.to(kind).requires_grad_() for t in inputs)
         with sdpa_kernel([backend]):
             out = F.scaled_dot_product_attention(q * 32 ** -0.5, k, v, attn_mask=bias, scale=1.0)
-        grads = torch.autograd.grad(out.square().sum(), (q, k, v, bias))
-        results.append([out, *grads])
+        grads = torch.autograd.grad(out.float().square().sum(), (q, k, v, bias))
+        results.append([out.float(), *(g.float() for g in grads)])
     for a, b in zip(*results):
-        assert_close_relative(a, b, 2e-5)
+        assert_close_relative(a, b, rtol)
 
 
 # ----------------------------------------------------------------------------------------------
