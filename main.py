@@ -168,8 +168,8 @@ def get_args_parser():
                         help="run the model's forward under torch.autocast (losses, matcher and "
                              "post-processing stay in float32)")
     parser.add_argument("--amp_dtype", default="bfloat16", choices=tuple(amp.DTYPES),
-                        help="autocast dtype of --amp; float16 adds loss scaling (GradScaler, saved "
-                             "in the checkpoint)")
+                        help="autocast dtype of --amp; float16 adds loss scaling (GradScaler, "
+                             "saved in the checkpoint)")
 
     # Interruptions and restarts
     parser.add_argument("--auto_resume", action="store_true",

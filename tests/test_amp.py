@@ -122,7 +122,8 @@ def test_amp_toy_training_on_cuda_is_close_to_float32(tmp_path, dtype):
     run_main(*common, "--output_dir", tmp_path / dtype, "--amp", "--amp_dtype", dtype)
     (reference,), (loss,) = train_losses(tmp_path / "fp32"), train_losses(tmp_path / dtype)
     assert abs(loss - reference) < 0.02 * abs(reference), (loss, reference)
-    assert ("scaler" in load_checkpoint(tmp_path / dtype / "checkpoint.pth")) == (dtype == "float16")
+    saved = load_checkpoint(tmp_path / dtype / "checkpoint.pth")
+    assert ("scaler" in saved) == (dtype == "float16")
 
 
 def test_amp_options_parse_with_bfloat16_by_default():

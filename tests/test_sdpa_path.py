@@ -44,7 +44,8 @@ def run(layer, x, **kwargs):
     x = x.detach().requires_grad_()
     out, weights = layer(x, x, x, need_weights=False, **kwargs)
     assert weights is None
-    (out.float() * torch.linspace(-1, 1, out.shape[-1], device=out.device)).square().sum().backward()
+    ramp = torch.linspace(-1, 1, out.shape[-1], device=out.device)
+    (out.float() * ramp).square().sum().backward()
     grads = [x.grad] + [p.grad for p in layer.parameters()]
     layer.zero_grad()
     return [out.detach()] + grads
@@ -60,7 +61,8 @@ def projections(layer, x):
     """q (scaled), k, v as (N, H, L, D), computed here from the layer's weights."""
     q, k, v = F.linear(x, layer.in_proj_weight, layer.in_proj_bias).chunk(3, dim=-1)
     heads = layer.num_heads
-    return split_heads(q * layer.head_dim ** -0.5, heads), split_heads(k, heads), split_heads(v, heads)
+    q = q * layer.head_dim ** -0.5
+    return split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
 
 
 def assert_close_relative(a, b, rtol):
@@ -125,7 +127,8 @@ def test_sdpa_path_equals_the_plain_path_on_cpu(method, mode, rpe_on, train):
 def test_sdpa_path_equals_the_plain_path_on_cuda_float32(method, mode, rpe_on, train, monkeypatch):
     calls = []
     sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
     layer = make_layer(method, mode, rpe_on, device="cuda").train(train)
     x = torch.randn(30, 2, 32, device="cuda")
     kwargs = {"key_padding_mask": padding(device="cuda"), "hw": (5, 6)}
@@ -179,7 +182,8 @@ def test_memory_efficient_kernel_takes_the_bias_and_returns_its_gradient(dtype, 
     inputs = [torch.randn(2, 8, 950, 32, device="cuda") for _ in range(3)]
     inputs.append(torch.randn(2, 8, 950, 950, device="cuda") * 0.5)
     results = []
-    for backend, kind in ((SDPBackend.EFFICIENT_ATTENTION, dtype), (SDPBackend.MATH, torch.float32)):
+    cases = ((SDPBackend.EFFICIENT_ATTENTION, dtype), (SDPBackend.MATH, torch.float32))
+    for backend, kind in cases:
         q, k, v, bias = (t.to(kind).requires_grad_() for t in inputs)
         with sdpa_kernel([backend]):
             out = F.scaled_dot_product_attention(q * 32 ** -0.5, k, v, attn_mask=bias, scale=1.0)

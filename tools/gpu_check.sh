@@ -18,10 +18,12 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON="${PYTHON:-python3}"
 PUBLISHED="${1:-${PUBLISHED:-}}"
-OUT_DIR="$(mkdir -p "${GPU_CHECK_OUT:-gpu_check_out}" && cd "${GPU_CHECK_OUT:-gpu_check_out}" && pwd)"
+OUT_DIR="${GPU_CHECK_OUT:-gpu_check_out}"
+OUT_DIR="$(mkdir -p "$OUT_DIR" && cd "$OUT_DIR" && pwd)"
 export MAX_JOBS="${MAX_JOBS:-16}"
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-    TORCH_CUDA_ARCH_LIST="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')"
+    TORCH_CUDA_ARCH_LIST="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null \
+                            | head -n 1 | tr -d ' ')"
     TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 fi
 export TORCH_CUDA_ARCH_LIST
@@ -58,7 +60,8 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 nvidia-smi --query-gpu=name,compute_cap,memory.total --format=csv,noheader
-"$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPU', torch.cuda.is_available())"
+"$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda,
+                                 'GPU', torch.cuda.is_available())"
 echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS logs: $OUT_DIR"
 
 # sources newer than any library already in place, so that a CPU-only build there is not taken
@@ -66,7 +69,8 @@ echo "TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS logs: $OUT_D
 touch rpe_ops/csrc/*
 step build_rpe_ops 300 env FORCE_CUDA=1 PYTHON="$PYTHON" bash rpe_ops/build.sh
 # RPE_OPS_REQUIRE_EXTENSION=1: the tests of the compiled kernels fail, not skip, without them
-step cuda_tests 300 env RPE_OPS_REQUIRE_EXTENSION=1 "$PYTHON" -m pytest tests -q -k "cuda or sdpa or amp" -p no:cacheprovider -rs
+step cuda_tests 300 env RPE_OPS_REQUIRE_EXTENSION=1 \
+    "$PYTHON" -m pytest tests -q -k "cuda or sdpa or amp" -p no:cacheprovider -rs
 step rpe_ops_benchmark 120 "$PYTHON" -m rpe_ops.benchmark --device cuda --repeat 20
 if [ -z "$PUBLISHED" ]; then
     not_run build_published "skipped: no published folder given (argument or \$PUBLISHED)"
@@ -77,7 +81,8 @@ elif [ ! -d "$PUBLISHED/rpe_ops" ]; then
 else
     PUBLISHED="$(cd "$PUBLISHED" && pwd)"
     # --force: a library built without CUDA may be there already, newer than the sources
-    step build_published 240 bash -c "cd '$PUBLISHED/rpe_ops' && '$PYTHON' setup.py build_ext --inplace --force"
+    step build_published 240 \
+        bash -c "cd '$PUBLISHED/rpe_ops' && '$PYTHON' setup.py build_ext --inplace --force"
     step vs_published 420 "$PYTHON" benchmarks/vs_published.py --published "$PUBLISHED" \
         --device cuda --threads 16 --amp --rounds 1 --repeats 3 \
         --targets attention,irpe_k,train_step,inference --json "$OUT_DIR/vs_published.json"
