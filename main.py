@@ -181,30 +181,6 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------------------------
 
-def init_distributed_mode(args):
-    """Join the process group a launcher (torchrun, torch.distributed.launch, SLURM) set up."""
-    layout = utils.distributed_env(args.local_rank)
-    if layout is None:
-        args.distributed = False
-        args.rank, args.gpu = 0, None
-        return
-    args.rank, args.world_size, args.gpu = layout
-    args.distributed = True
-    if str(args.device).startswith("cuda"):
-        torch.cuda.set_device(args.gpu)
-        args.device = f"cuda:{args.gpu}"
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    if args.dist_url == "env://" and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
-        raise SystemExit("distributed run without MASTER_ADDR and MASTER_PORT in the environment "
-                         "(as under SLURM): export both, or pass --dist_url tcp://HOST:PORT")
-    store = utils.restart_store(args.world_size) if args.dist_url == "env://" else None
-    torch.distributed.init_process_group(backend=backend, init_method=None if store else args.dist_url,
-                                         store=store, world_size=args.world_size, rank=args.rank)
-    torch.distributed.barrier()
-
-
 def setup_logging(output_dir):
     """Log INFO on the main process (console and OUTPUT_DIR/run.log); errors only elsewhere.
 
@@ -364,10 +340,11 @@ def write_pictures(args, output_dir, model, postprocessors, dataset, coco_api, d
 
 def main(args):
     _run_state["started"] = False
-    init_distributed_mode(args)
+    utils.init_distributed_mode(args)
     if args.output_dir and utils.is_main_process():
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     setup_logging(args.output_dir)
+    logger.info("git: %s", utils.get_sha())
     logger.info("options: %s", vars(args))
     if args.finetune and (args.resume or args.eval):
         raise SystemExit("--finetune FILE starts a new training run from FILE's weights, "

@@ -20,7 +20,8 @@ import os
 import sys
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
 
 import datasets.transforms as T
 from datasets import num_classes_for
@@ -30,13 +31,11 @@ from models import build_model
 from util.attention_maps import capture_encoder_attention
 from util.checkpoint import CheckpointError, check_compatible, load_checkpoint
 from util.misc import nested_tensor_from_tensor_list
+from util.visualize import draw_detections
 
 logger = logging.getLogger("predict")
 
 IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-# box colours, by category id
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 190), (0, 128, 128)]
 
 
 def get_args_parser():
@@ -157,24 +156,15 @@ def coco_results(found, image_id, file_name, threshold, category_names):
 # ----------------------------------------------------------------------------------------------
 # Pictures
 
-def draw_detections(image, detections):
-    """A copy of the PIL `image` with each detection's box and 'name score' label drawn."""
-    image = image.copy()
-    draw = ImageDraw.Draw(image)
-    side = min(image.size)
-    width = max(2, side // 200)
-    font = ImageFont.load_default(size=max(12, side // 40))
-    for det in detections:
-        x, y, w, h = det["bbox"]
-        colour = PALETTE[det["category_id"] % len(PALETTE)]
-        draw.rectangle([x, y, x + w, y + h], outline=colour, width=width)
-        text = f"{det['category_name']} {det['score']:.2f}"
-        left, top, right, bottom = draw.textbbox((x, y), text, font=font, anchor="lb")
-        if top < 0:  # no room above the box: write inside it
-            left, top, right, bottom = draw.textbbox((x, y), text, font=font, anchor="lt")
-        draw.rectangle([left, top, right + 2 * width, bottom], fill=colour)
-        draw.text((left + width, bottom), text, fill=(255, 255, 255), font=font, anchor="lb")
-    return image
+def draw_picture(image, detections):
+    """A copy of the PIL `image` with each detection (coco_results) drawn as a box labelled
+    'name score' (util.visualize.draw_detections, at the image's own size)."""
+    boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in detections)])
+    labels = [d["category_id"] for d in detections]
+    names = {d["category_id"]: d["category_name"] for d in detections}
+    drawn = draw_detections(TF.pil_to_tensor(image), boxes, labels, names,
+                            scores=[d["score"] for d in detections], size=max(image.size))
+    return TF.to_pil_image(drawn)
 
 
 def save_attention(path, image, found, captured, index, count, category_names, sizes):
@@ -271,7 +261,8 @@ def predict(args, model_command_line):
         for i, (k, found) in enumerate(zip(batch, postprocess(outputs, orig_sizes))):
             detections = coco_results(found, k + 1, paths[k], args.threshold, category_names)
             results += detections
-            draw_detections(images[i], detections).save(os.path.join(args.output_dir, f"{names[k]}.png"))
+            picture = draw_picture(images[i], detections)
+            picture.save(os.path.join(args.output_dir, f"{names[k]}.png"))
             if args.attention:
                 save_attention(os.path.join(args.output_dir, "attention", f"{names[k]}.png"),
                                images[i], found, captured, i, args.attention_points, category_names,

@@ -91,8 +91,9 @@ def load_backbone_weights(resnet, name, weights):
 
 
 class BackboneBase(nn.Module):
-    """A torchvision ResNet cut after layer4, returning {layer name: NestedTensor} of layer4 (or of
-    layer1..layer4 with return_interm_layers), each with the padding mask resized to it.
+    """A torchvision ResNet cut after layer4, returning {"0": NestedTensor} of layer4 (or "0".."3"
+    for layer1..layer4 with return_interm_layers, strides 4, 8, 16, 32), each with the padding
+    mask resized to it. The keys are DETR's, so code written for its backbone reads them as is.
 
     Only layer2..layer4 train, and only if train_backbone.
     """
@@ -106,7 +107,9 @@ class BackboneBase(nn.Module):
             self.strides, layers = [4, 8, 16, 32], ["layer1", "layer2", "layer3", "layer4"]
         else:
             self.strides, layers = [32], ["layer4"]
-        self.body = IntermediateLayerGetter(backbone, return_layers={name: name for name in layers})
+        # DETR's output keys; the ResNet's modules keep their names, and so do the state_dict keys
+        return_layers = {name: str(i) for i, name in enumerate(layers)}
+        self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
         self.num_channels = num_channels
 
     def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:

@@ -117,10 +117,41 @@ def test_backbone_base_wraps_any_torchvision_resnet():
         (64, 32, 40), (128, 16, 20), (256, 8, 10), (512, 4, 5)]
     # the mask follows the padding (stride 16, nearest): image 0 is 96 of 128 high, image 1 100 of
     # 160 wide
-    mask = out["layer3"].mask
+    mask = out["2"].mask
     assert mask[0, :6].logical_not().all() and mask[0, 6:].all()
     assert mask[1, :, :7].logical_not().all() and mask[1, :, 7:].all()
     assert not any(p.requires_grad for p in BackboneBase(resnet, False, 512, False).parameters())
+
+
+def test_backbone_returns_detr_keys_channels_and_strides():
+    """A Backbone built as DETR's hub code and segmentation model build it: feature maps keyed "0"
+    (layer4) or "0".."3" (layer1..layer4), with DETR's num_channels, while the state_dict keeps
+    the ResNet's module names (the model-zoo files load by them)."""
+    samples = padded_batch(((64, 96), (40, 128)))  # a 64 x 128 batch: strides divide it exactly
+    backbone = Backbone("resnet50", train_backbone=True, return_interm_layers=True, dilation=False)
+    assert backbone.num_channels == 2048
+    out = backbone(samples)
+    assert list(out) == ["0", "1", "2", "3"]
+    layers = zip(out.items(), (256, 512, 1024, 2048), (4, 8, 16, 32))
+    for (key, feature), channels, stride in layers:
+        assert feature.tensors.shape == (2, channels, 64 // stride, 128 // stride), key
+        assert feature.mask.shape == (2, 64 // stride, 128 // stride), key
+        # image 0 is 96 wide, image 1 40 high; nearest resizing keeps the cells that start inside
+        columns = 96 // stride
+        assert not feature.mask[0, :, :columns].any() and feature.mask[0, :, columns:].all()
+        rows = -(-40 // stride)
+        assert not feature.mask[1, :rows].any() and feature.mask[1, rows:].all()
+    keys = backbone.state_dict().keys()
+    assert "body.layer4.2.bn3.running_var" in keys and "body.conv1.weight" in keys
+    assert not any(k.startswith(("body.0", "body.3")) for k in keys)
+
+    for name, channels in (("resnet18", 512), ("resnet34", 512), ("resnet101", 2048)):
+        assert Backbone(name, False, False, False).num_channels == channels, name
+    small = Backbone("resnet18", train_backbone=False, return_interm_layers=False, dilation=False)
+    out = small(samples)
+    assert list(out) == ["0"] and out["0"].tensors.shape == (2, 512, 2, 4)
+    dilated = Backbone("resnet50", False, False, dilation=True)(samples)
+    assert list(dilated) == ["0"] and dilated["0"].tensors.shape == (2, 2048, 4, 8)
 
 
 def test_batches_from_tensors_lists_and_collate():

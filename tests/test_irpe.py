@@ -1,5 +1,5 @@
-"""iRPE bucket arithmetic, configuration and the attention layer, against tests/data (the published arithmetic) and
-against independent slow implementations."""
+"""iRPE bucket arithmetic, configuration and the attention layer, against tests/data (the
+published arithmetic) and against independent slow implementations."""
 import itertools
 import math
 import os

@@ -114,7 +114,7 @@ def test_dilation_gives_stride_16():
     for dilation, stride in [(False, 32), (True, 16)]:
         backbone = Backbone("resnet50", False, False, dilation)
         x = NestedTensor(torch.zeros(1, 3, 128, 96), torch.zeros(1, 128, 96, dtype=torch.bool))
-        feature = backbone(x)["layer4"]
+        feature = backbone(x)["0"]
         assert feature.tensors.shape[-2:] == (128 // stride, 96 // stride)
         assert feature.mask.shape[-2:] == (128 // stride, 96 // stride)
 

@@ -75,8 +75,9 @@ def load_checkpoint(path_or_url):
     return checkpoint
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file beside `path`, then rename it over `path`.
+def save_atomic(obj, path, *args, **kwargs):
+    """torch.save(obj, ..., *args, **kwargs) to a temporary file beside `path`, then rename it
+    over `path`.
 
     A crash while saving leaves the previous file as it was; SIGTERM, SIGINT and the Slurm
     signals that arrive meanwhile take effect once the new file is in place.
@@ -86,7 +87,7 @@ def save_atomic(obj, path):
     try:
         with signals_deferred():
             with open(tmp, "wb") as f:
-                torch.save(obj, f)
+                torch.save(obj, f, *args, **kwargs)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)

@@ -1,15 +1,21 @@
 """Batching, distributed helpers and metric logging shared by the model, data and training code."""
+import builtins
 import datetime
+import functools
 import logging
 import os
+import subprocess
 import time
 from collections import defaultdict, deque
 from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import Tensor
+
+from util.checkpoint import save_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +87,14 @@ def nested_tensor_from_tensor_list(tensor_list: Union[Tensor, List[Tensor]]) -> 
     return NestedTensor(tensors, mask)
 
 
+def interpolate(input: Tensor, size: Optional[List[int]] = None,
+                scale_factor: Optional[float] = None, mode: str = "nearest",
+                align_corners: Optional[bool] = None) -> Tensor:
+    """F.interpolate under DETR's name and signature. DETR needed its own for empty batches, which
+    F.interpolate now handles itself."""
+    return F.interpolate(input, size, scale_factor, mode, align_corners)
+
+
 def pad_masks(masks, height, width):
     """Zero-pad (N, h, w) masks bottom/right to (N, height, width), as images are in a batch."""
     return torch.nn.functional.pad(masks, (0, width - masks.shape[-1], 0, height - masks.shape[-2]))
@@ -116,6 +130,67 @@ def get_rank():
 
 def is_main_process():
     return get_rank() == 0
+
+
+def setup_for_distributed(is_master):
+    """Make print() silent on every process but the main one; print(..., force=True) still prints.
+
+    DETR's scripts rely on this to see one copy of each line; this project's own output goes
+    through logging, which main.py sets up per process.
+    """
+    original = getattr(builtins.print, "__wrapped__", builtins.print)  # no wrapper around a wrapper
+
+    @functools.wraps(original)
+    def print_on_master(*args, force=False, **kwargs):
+        if is_master or force:
+            original(*args, **kwargs)
+
+    builtins.print = print_on_master
+
+
+def init_distributed_mode(args):
+    """Join the process group a launcher (torchrun, torch.distributed.launch, SLURM) set up.
+
+    Sets args.distributed, rank, world_size, gpu and dist_backend; a single-process run only gets
+    args.distributed = False, rank 0. Reads args.dist_url, args.device and, when present,
+    args.local_rank (torch.distributed.launch without --use_env).
+    """
+    layout = distributed_env(getattr(args, "local_rank", None))
+    if layout is None:
+        args.distributed = False
+        args.rank, args.gpu = 0, None
+        return
+    args.rank, args.world_size, args.gpu = layout
+    args.distributed = True
+    if str(args.device).startswith("cuda"):
+        torch.cuda.set_device(args.gpu)
+        args.device = f"cuda:{args.gpu}"
+        args.dist_backend = "nccl"
+    else:
+        args.dist_backend = "gloo"
+    launcher_address = "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ
+    if args.dist_url == "env://" and not launcher_address:
+        raise SystemExit("distributed run without MASTER_ADDR and MASTER_PORT in the environment "
+                         "(as under SLURM): export both, or pass --dist_url tcp://HOST:PORT")
+    store = restart_store(args.world_size) if args.dist_url == "env://" else None
+    dist.init_process_group(backend=args.dist_backend, init_method=None if store else args.dist_url,
+                            store=store, world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def save_on_master(obj, f, *args, **kwargs):
+    """torch.save(obj, f, ...) on the main process only (the others return at once).
+
+    A path is written atomically (util.checkpoint.save_atomic): a crash or a stop signal while
+    saving leaves the previous file whole. A file object is written as torch.save writes it.
+    """
+    if not is_main_process():
+        return
+    if isinstance(f, (str, os.PathLike)):
+        save_atomic(obj, f, *args, **kwargs)
+    else:
+        torch.save(obj, f, *args, **kwargs)
 
 
 def all_gather(data):
@@ -191,6 +266,29 @@ def num_nodes():
     if env.get("LOCAL_WORLD_SIZE"):
         return max(get_world_size() // int(env["LOCAL_WORLD_SIZE"]), 1)
     return 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Run information
+
+def get_sha(path=None):
+    """"sha: ..., status: clean | has uncommitted changes, branch: ..." of the git checkout holding
+    `path` (default: this repository), for the logs; "N/A" where there is no checkout or no git.
+    Untracked files do not count as changes."""
+    cwd = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*command):
+        return subprocess.run(("git", *command), cwd=cwd, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+
+    try:
+        sha = git("rev-parse", "HEAD")
+        status = "has uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") \
+            else "clean"
+        branch = git("rev-parse", "--abbrev-ref", "HEAD")
+    except (OSError, subprocess.SubprocessError):  # no git, not a checkout, no commit yet
+        sha = status = branch = "N/A"
+    return f"sha: {sha}, status: {status}, branch: {branch}"
 
 
 # ----------------------------------------------------------------------------------------------

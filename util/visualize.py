@@ -8,11 +8,9 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import box_convert
 from torchvision.utils import draw_bounding_boxes, make_grid
 
+from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
 from util.misc import nested_tensor_from_tensor_list
 
-# the normalisation of datasets/transforms.py, undone for drawing
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # box colours by category id (cycled); bright, so they stand out on photos and on the toy shapes
 PALETTE = ("yellow", "magenta", "cyan", "orange", "lime", "white", "deepskyblue", "hotpink")
 PADDING = 6
@@ -35,7 +33,7 @@ def _font_file():
 
 
 def denormalize(image):
-    """A normalised (3, H, W) float image back to uint8."""
+    """A normalised (3, H, W) float image (datasets.transforms.Normalize) back to uint8."""
     mean = torch.tensor(IMAGENET_MEAN, device=image.device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=image.device)[:, None, None]
     return (image * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
@@ -43,11 +41,13 @@ def denormalize(image):
 
 def draw_detections(image, boxes, labels, class_names, scores=None, size=256):
     """`image` (uint8 (3, H, W)) scaled so that its longer side is `size`, with `boxes` (xyxy in
-    the image's pixels) drawn in their class colour and labelled "name" or "name score"."""
+    the image's pixels) drawn in their class colour and labelled "name" or "name score"
+    (`class_names`: {label: name}; a label without a name is written as its number)."""
     height, width = image.shape[-2:]
     factor = size / max(height, width)
     new_size = [max(1, round(height * factor)), max(1, round(width * factor))]
-    image = TF.resize(image, new_size, antialias=True)
+    if new_size != [height, width]:
+        image = TF.resize(image, new_size, antialias=True)
     if len(boxes) == 0:
         return image
     boxes = boxes.detach().float().cpu() * factor
@@ -55,8 +55,11 @@ def draw_detections(image, boxes, labels, class_names, scores=None, size=256):
     if scores is not None:
         texts = [f"{text} {float(score):.2f}" for text, score in zip(texts, scores)]
     font = _font_file()
+    # lines and labels grow with the picture, the labels only up to a size that stays readable
+    # without hiding what they name on a full-size photo
     return draw_bounding_boxes(image, boxes, texts, colors=[class_colour(label) for label in labels],
-                               width=2, font=font, font_size=max(10, size // 18) if font else None,
+                               width=max(2, size // 250), font=font,
+                               font_size=min(max(10, size // 18), 40) if font else None,
                                fill_labels=True)
 
 
