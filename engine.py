@@ -4,6 +4,7 @@ import math
 import torch
 
 import util.misc as utils
+from util import amp
 from datasets.coco_eval import CocoEvaluator
 from datasets.panoptic_eval import PanopticEvaluator, format_table
 
@@ -34,12 +35,14 @@ def predictions_are_finite(outputs):
 
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0.0,
-                    print_freq=10):
+                    print_freq=10, amp_dtype=None, scaler=None):
     """Train for one pass over `data_loader`; returns the epoch's averaged statistics.
 
     Losses are reduced over processes for logging. Gradients are clipped to `max_norm` (if > 0).
     Non-finite predictions (before the matcher) or a non-finite loss raise NonFiniteLossError
-    before the optimizer steps, on every process alike.
+    before the optimizer steps, on every process alike. amp_dtype: the model's forward runs under
+    autocast in that dtype (util.amp; the losses stay in float32); scaler: a torch.amp.GradScaler
+    (float16), which scales the loss and skips steps whose gradients overflowed.
     """
     model.train()
     criterion.train()
@@ -52,7 +55,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         samples = samples.to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
 
-        outputs = model(samples)
+        outputs = amp.forward(model, samples, device, amp_dtype)
         if not predictions_are_finite(outputs):
             raise NonFiniteLossError(_non_finite_message(
                 "nan", epoch, iteration, "the model's predictions are not finite (it diverged)"))
@@ -71,10 +74,18 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
                 f"the losses were { {k: round(v.item(), 4) for k, v in loss_dict_reduced.items()} }"))
 
         optimizer.zero_grad()
-        losses.backward()
-        if max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        optimizer.step()
+        if scaler is None:
+            losses.backward()
+            if max_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            optimizer.step()
+        else:
+            scaler.scale(losses).backward()
+            if max_norm > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            scaler.step(optimizer)
+            scaler.update()
 
         metric_logger.update(loss=loss_value, **scaled, **unscaled)
         metric_logger.update(class_error=loss_dict_reduced["class_error"])
@@ -87,7 +98,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
 
 @torch.no_grad()
 def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, output_dir=None,
-             print_freq=10, coco_eval_backend="pycocotools"):
+             print_freq=10, coco_eval_backend="pycocotools", amp_dtype=None):
     """Losses and COCO box AP over `data_loader` (mask AP and panoptic quality with the 'segm'
     and 'panoptic' postprocessors).
 
@@ -95,7 +106,8 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
     COCO numbers (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl); likewise
     'coco_eval_masks' with 'segm'; with 'panoptic', 'PQ_all', 'PQ_th', 'PQ_st' ({'pq', 'sq', 'rq',
     'n'}) and 'PQ_per_class'. `coco_eval_backend` is the library that computes the COCO numbers
-    ('pycocotools' or 'faster_coco_eval', see datasets/coco_eval_backends.py).
+    ('pycocotools' or 'faster_coco_eval', see datasets/coco_eval_backends.py). amp_dtype: the
+    model runs under autocast in that dtype (the losses and the post-processing in float32).
     """
     model.eval()
     criterion.eval()
@@ -110,7 +122,7 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
     for samples, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
         samples = samples.to(device)
         targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        outputs = model(samples)
+        outputs = amp.forward(model, samples, device, amp_dtype)
         if not predictions_are_finite(outputs):
             raise NonFiniteLossError("the model's predictions are not finite in evaluation: its "
                                      "weights are broken (a diverged run?); evaluate another "

@@ -33,6 +33,7 @@ from engine import NonFiniteLossError, evaluate, train_one_epoch
 from models import build_model
 from models.backbone import BackboneWeightsError, calibrate_frozen_batchnorm
 from models.rpe_attention.irpe import parse_rpe_string
+from util import amp
 from util.checkpoint import (CheckpointError, check_compatible, get_rng_states, load_checkpoint,
                              load_for_finetuning, save_atomic, set_rng_states)
 from util.interrupt import Interrupted, stop_signals_raise
@@ -170,6 +171,14 @@ def get_args_parser():
     parser.add_argument("--local_rank", "--local-rank", default=-1, type=int,
                         help="set by torch.distributed.launch without --use_env")
 
+    # Mixed precision (README.md: "GPU")
+    parser.add_argument("--amp", action="store_true",
+                        help="run the model's forward under torch.autocast (losses, matcher and "
+                             "post-processing stay in float32)")
+    parser.add_argument("--amp_dtype", default="bfloat16", choices=tuple(amp.DTYPES),
+                        help="autocast dtype of --amp; float16 adds loss scaling (GradScaler, "
+                             "saved in the checkpoint)")
+
     # Interruptions and restarts
     parser.add_argument("--auto_resume", action="store_true",
                         help="continue from OUTPUT_DIR/checkpoint.pth when it exists, else from "
@@ -296,6 +305,18 @@ def log_skipped_images(dataset, name):
             logger.warning("%s images skipped so far as unreadable (--skip_bad_images): %d, "
                            "counting each time one was due", name, count)
 
+def resume_scaler(scaler, checkpoint):
+    """The loss scale of --amp_dtype float16 continues from the checkpoint's; a checkpoint saved
+    without it (bfloat16 or float32 training, older files) starts a fresh scaler."""
+    if scaler is None:
+        return
+    if "scaler" in checkpoint:
+        scaler.load_state_dict(checkpoint["scaler"])
+    else:
+        logger.info("the checkpoint has no gradient scaler state (it was not trained with "
+                    "--amp_dtype float16): the loss scale starts at %g", scaler.get_scale())
+
+
 def set_classes(args, dataset):
     """Keep the data's category names in args (so in every checkpoint) and, for your own files,
     make the classifier follow them (largest id + 1) unless --num_classes says otherwise."""
@@ -358,6 +379,7 @@ def main(args):
     get_coco_eval_backend(args.coco_eval_backend)  # a missing package is named before any work
 
     device = torch.device(args.device)
+    amp_dtype, scaler = amp.build(args, device)
     seed = args.seed + utils.get_rank()
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -427,6 +449,7 @@ def main(args):
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             log_resumed_learning_rates(args, lr_scheduler.base_lrs)
             args.start_epoch = checkpoint["epoch"] + 1
+            resume_scaler(scaler, checkpoint)
             rng = checkpoint.get("rng_states")
             if rng is not None and len(rng) == utils.get_world_size():
                 set_rng_states(rng[utils.get_rank()], *generators)
@@ -439,7 +462,8 @@ def main(args):
     if args.eval:
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val,
                                               base_ds, device, print_freq=args.print_freq,
-                                              coco_eval_backend=args.coco_eval_backend)
+                                              coco_eval_backend=args.coco_eval_backend,
+                                              amp_dtype=amp_dtype)
         log_skipped_images(dataset_val, "validation")
         if output_dir and utils.is_main_process():
             save_atomic(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
@@ -457,7 +481,8 @@ def main(args):
             sampler_train.set_epoch(epoch)
         try:
             train_stats = train_one_epoch(model, criterion, data_loader_train, optimizer, device,
-                                          epoch, args.clip_max_norm, print_freq=args.print_freq)
+                                          epoch, args.clip_max_norm, print_freq=args.print_freq,
+                                          amp_dtype=amp_dtype, scaler=scaler)
         except NonFiniteLossError as err:
             raise SystemExit(str(err)) from None
         lr_scheduler.step()
@@ -469,12 +494,15 @@ def main(args):
             checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                           "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
                           "rng_states": rng_states}
+            if scaler is not None:
+                checkpoint["scaler"] = scaler.state_dict()
             save_atomic(checkpoint, output_dir / "checkpoint.pth")
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
                 save_atomic(checkpoint, output_dir / f"checkpoint{epoch:04}.pth")
         test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val,
                                               base_ds, device, print_freq=args.print_freq,
-                                              coco_eval_backend=args.coco_eval_backend)
+                                              coco_eval_backend=args.coco_eval_backend,
+                                              amp_dtype=amp_dtype)
         log_skipped_images(dataset_val, "validation")
         if output_dir and utils.is_main_process():
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},

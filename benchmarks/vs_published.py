@@ -133,13 +133,21 @@ def build_target(side, target, data, device, amp):
     images = [im.to(device) for im in data[f"images_{target}"]]
     targets = [{k: v.to(device) for k, v in t.items()} for t in data["targets"][:len(images)]]
     sizes = torch.tensor([im.shape[-2:] for im in images], device=device)
+
+    def forward():
+        # as main.py's --amp: the model under autocast, its outputs back in float32 for the
+        # matcher (scipy takes no bfloat16), the losses and the post-processing
+        if not amp:
+            return model(utils.nested_tensor_from_tensor_list(images))
+        from util.amp import to_float32  # our side only: --amp does not time the published one
+        with torch.autocast(device, torch.bfloat16):
+            return to_float32(model(utils.nested_tensor_from_tensor_list(images)))
     if target == "inference":
         model.eval()
 
         def step():
-            with torch.no_grad(), torch.autocast(device, torch.bfloat16, enabled=amp):
-                out = model(utils.nested_tensor_from_tensor_list(images))
-                postprocessors["bbox"](out, sizes)
+            with torch.no_grad():
+                postprocessors["bbox"](forward(), sizes)
 
         def check():
             with torch.no_grad():
@@ -157,9 +165,7 @@ def build_target(side, target, data, device, amp):
     criterion.train()
 
     def loss():
-        with torch.autocast(device, torch.bfloat16, enabled=amp):
-            outputs = model(utils.nested_tensor_from_tensor_list(images))
-        losses = criterion({k: v for k, v in outputs.items()}, targets)
+        losses = criterion(forward(), targets)
         return sum(losses[k] * weights[k] for k in losses if k in weights), losses
 
     def step():

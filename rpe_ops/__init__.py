@@ -23,6 +23,14 @@ They run on the compiled extension (rpe_ops._C: CPU and, when built with a
 CUDA toolkit, CUDA kernels) if it can be loaded, and otherwise on a
 pure-PyTorch fallback (torch.gather / scatter_add) with a one-time warning.
 
+Under torch.autocast (CPU and CUDA) both operators run in the dtype of
+their tensor argument, as they are given it: autocast casts nothing for them
+(the AutocastCPU / AutocastCUDA kernels registered below pass the call
+through).  A lookup copies values, so it loses no precision in any dtype, and
+the kernels accumulate the bucket sum of float16 / bfloat16 in float32; a
+cast would only cost a pass over the tensor.  So bfloat16 input gives bfloat16
+output and float32 input float32 output, inside autocast as outside it.
+
 Under torch.use_deterministic_algorithms(True), the bucket sum of CUDA tensors
 (the CUDA kernel adds with atomics) runs as scatter_add, which PyTorch then
 computes deterministically; results agree up to float rounding.
@@ -190,6 +198,11 @@ def _rpe_index_backward_grad(ctx, grad):
     (index,) = ctx.saved_tensors
     return torch.ops.rpe_ops.rpe_index(grad, index), None, None
 
+
+# Autocast policy (module docstring): no cast, the operators run in their input's dtype.
+for _op in ("rpe_index", "rpe_index_backward"):
+    for _key in ("AutocastCPU", "AutocastCUDA"):
+        _lib.impl(_op, torch.library.fallthrough_kernel, _key)
 
 torch.library.register_autograd("rpe_ops::rpe_index", _rpe_index_grad,
                                 setup_context=_rpe_index_setup_context)

@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rpe_ops.attention import attention_weights, fused_attention_available
 
@@ -37,7 +38,8 @@ class RPEMultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim)) if bias else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.rpe_q, self.rpe_k, self.rpe_v = build_rpe(rpe_config, self.head_dim, num_heads)
-        # the compiled CPU kernel for steps 2 to 4 of forward where it applies (see _fused_weights)
+        # the compiled CPU kernel for steps 2 to 4 of forward where it applies (see _fused_weights),
+        # and PyTorch's fused attention for steps 2 to 5 on CUDA (see _sdpa_output)
         self.use_fused_kernels = True
         self._reset_parameters()
 
@@ -77,6 +79,57 @@ class RPEMultiheadAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         return attention_weights(q, k, lookup, index, extra, key_bias, dropout_p)
 
+    @torch.jit.unused
+    def _sdpa_applies(self, q: Tensor, need_weights: bool) -> bool:
+        return (self.use_fused_kernels and q.is_cuda and not need_weights and self.rpe_v is None
+                and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+
+    @torch.jit.unused
+    def _logit_bias(self, q: Tensor, k: Tensor, attn_mask: Optional[Tensor],
+                    key_padding_mask: Optional[Tensor], height: Optional[int],
+                    width: Optional[int], scaling: float) -> Optional[Tensor]:
+        """What steps 2 and 3 below add to q @ k^T: the iRPE terms on k and q and the masks, as
+        one tensor of q's dtype, (N, H, L, S) or broadcastable to it (-inf on keys not allowed);
+        None if there is nothing to add."""
+        bias: Optional[Tensor] = None
+        if self.rpe_k is not None:
+            bias = self.rpe_k(q, height, width)
+        if self.rpe_q is not None:
+            term = self.rpe_q(k * scaling, height, width).transpose(-2, -1)
+            bias = term if bias is None else bias + term
+        if attn_mask is None and key_padding_mask is None:
+            return bias if bias is None else bias.to(q.dtype)
+        shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        bias = q.new_zeros(shape) if bias is None else bias.expand(shape)  # apply_masks wants N, H
+        return apply_masks(bias, attn_mask, key_padding_mask).to(q.dtype)
+
+    @torch.jit.unused
+    def _sdpa_output(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
+                     key_padding_mask: Optional[Tensor], height: Optional[int],
+                     width: Optional[int], scaling: float) -> Tensor:
+        """Steps 2 to 5 below (without rpe_v) in F.scaled_dot_product_attention: softmax(q k^T +
+        bias) v, (N, H, L, D), with the dropout inside the kernel. The same output as the plain
+        path up to float rounding (the dropout draws differ), without keeping the (N, H, L, S)
+        weights for the backward. With a bias the memory-efficient kernel runs: it takes an
+        additive bias and returns its gradient (the flash kernel takes none and is left for layers
+        without iRPE or masks; cuDNN's returns no bias gradient); the math one is the fallback
+        where neither applies. A query row whose keys are all masked gives what the kernel gives
+        for it (the plain path gives nan)."""
+        bias = self._logit_bias(q, k, attn_mask, key_padding_mask, height, width, scaling)
+        dropout_p = self.dropout if self.training else 0.0
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        with sdpa_kernel(backends):
+            # q carries the scaling already
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p,
+                                                  scale=1.0)
+
+    def _output(self, out: Tensor) -> Tensor:
+        """(N, H, L, D) -> the layer's output, shaped like its query."""
+        out = self.out_proj(merge_heads(out))
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out
+
     def forward(self, query: Tensor, key: Tensor, value: Tensor,
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[Tensor] = None, hw: Optional[Tuple[int, int]] = None,
@@ -108,6 +161,9 @@ class RPEMultiheadAttention(nn.Module):
         k = split_heads(F.linear(key, w_k, b_k), self.num_heads)
         v = split_heads(F.linear(value, w_v, b_v), self.num_heads)
 
+        if not torch.jit.is_scripting() and self._sdpa_applies(q, need_weights):
+            out = self._sdpa_output(q, k, v, attn_mask, key_padding_mask, height, width, scaling)
+            return self._output(out), None
         if not torch.jit.is_scripting() and self._fused_applies(q):
             attn = self._fused_weights(q, k, attn_mask, key_padding_mask, height, width, scaling)
         else:
@@ -129,9 +185,7 @@ class RPEMultiheadAttention(nn.Module):
         out = attn @ v
         if self.rpe_v is not None:
             out = out + self.rpe_v(attn, height, width)
-        out = self.out_proj(merge_heads(out))
-        if self.batch_first:
-            out = out.transpose(0, 1)
+        out = self._output(out)
 
         if not need_weights:
             return out, None
