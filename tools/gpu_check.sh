@@ -79,7 +79,7 @@ fi
 touch rpe_ops/csrc/*
 step build_rpe_ops 300 env FORCE_CUDA=1 PYTHON="$PYTHON" bash rpe_ops/build.sh
 # RPE_OPS_REQUIRE_EXTENSION=1: the tests of the compiled kernels fail, not skip, without them
-step cuda_tests 300 env RPE_OPS_REQUIRE_EXTENSION=1 \
+step cuda_tests 240 env RPE_OPS_REQUIRE_EXTENSION=1 \
     "$PYTHON" -m pytest tests -q -k "cuda or sdpa or amp" -p no:cacheprovider -rs
 step rpe_ops_benchmark 120 "$PYTHON" -m rpe_ops.benchmark --device cuda --repeat 20
 if [ -z "$PUBLISHED" ]; then
@@ -96,7 +96,7 @@ else
     tail -n 3 "$OUT_DIR/build_published.log"
     names+=(build_published) seconds+=($(( SECONDS - published_start )))
     if [ "$status" -eq 0 ]; then results+=("pass"); else results+=("FAIL (exit $status)"); fi
-    step vs_published 420 "$PYTHON" benchmarks/vs_published.py --published "$PUBLISHED" \
+    step vs_published 300 "$PYTHON" benchmarks/vs_published.py --published "$PUBLISHED" \
         --device cuda --threads 16 --amp --rounds 1 --repeats 3 \
         --targets attention,irpe_k,train_step,inference --json "$OUT_DIR/vs_published.json"
 fi
