@@ -7,7 +7,6 @@
     python main.py --train_ann train.json --train_images train.zip --val_ann val.json \
         --val_images val/ --finetune rpe-2.0-product-ctx-1-k.pth --enc_rpe2d rpe-2.0-product-ctx-1-k
 """
-import util.cpu_allocator  # noqa: F401  (first: it configures torch's allocator before its import)
 import argparse
 import datetime
 import json
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+import util.cpu_allocator  # noqa: F401  (keeps freed memory for reuse: see there)
 import util.misc as utils
 from datasets import (build_dataset, dataset_categories, get_coco_api_from_dataset, num_classes_for,
                       uses_own_files)

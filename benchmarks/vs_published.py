@@ -16,10 +16,10 @@ common state dict (strict) and times the same inputs. Rounds alternate the two s
     inference   DETR-R50 + iRPE, eval mode, batch 1 at 800x1199, forward and PostProcess
 
 Each side also runs its target once with every dropout off and saves outputs and gradients;
-the table's last column is their largest difference relative to the output's scale. Each
-side runs as its own training would: this repository's main.py turns on PyTorch's huge-page
-allocation of large CPU tensors (THP_MEM_ALLOC_ENABLE=1), so our side runs with it, and with
---published-thp the published side does too.
+the table's last columns are their largest difference relative to each tensor's scale, and the
+tensor where it is. Each side runs as its own training would: this repository's main.py keeps
+freed memory for reuse (util/cpu_allocator.py), so our side runs with that, and with
+--published-allocator the published side does too.
 """
 import argparse
 import json
@@ -165,11 +165,12 @@ def build_target(side, target, data, device, amp):
     criterion.train()
 
     def loss():
-        losses = criterion(forward(), targets)
-        return sum(losses[k] * weights[k] for k in losses if k in weights), losses
+        outputs = forward()
+        losses = criterion(outputs, targets)
+        return sum(losses[k] * weights[k] for k in losses if k in weights), losses, outputs
 
     def step():
-        total, _ = loss()
+        total, _, _ = loss()
         optimizer.zero_grad()
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
@@ -179,17 +180,23 @@ def build_target(side, target, data, device, amp):
         model.load_state_dict(data["model_state"], strict=True)
         no_dropout(model)
         optimizer.zero_grad()
-        total, losses = loss()
+        total, losses, outputs = loss()
         total.backward()
         named = dict(model.named_parameters())
         probe = [n for n in data["probe_params"] if named[n].grad is not None]
-        return {"loss": total.detach(), **{f"loss.{k}": v.detach() for k, v in losses.items()
+        return {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"],
+                "loss": total.detach(), **{f"loss.{k}": v.detach() for k, v in losses.items()
                                            if k in weights},
                 **{f"grad.{n}": named[n].grad for n in probe}}
     return step, check
 
 
 def worker(opts):
+    if opts.side == "ours" or opts.published_allocator:
+        sys.path.insert(0, REPO)
+        from util.cpu_allocator import keep_freed_memory
+        keep_freed_memory()
+        sys.path.remove(REPO)
     import torch
     torch.set_num_threads(opts.threads)
     import_side(opts.side, opts.published)
@@ -210,6 +217,9 @@ def worker(opts):
             times.append(time.perf_counter() - start)
     result = {"times": times}
     if opts.check:
+        # full float32 arithmetic on GPUs (TF32 rounding would hide real differences)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         torch.manual_seed(0)
         outputs = {k: v.detach().float().cpu() for k, v in check().items() if v is not None}
         torch.save(outputs, os.path.join(opts.tmp, f"check_{opts.side}_{opts.target}.pt"))
@@ -276,10 +286,6 @@ def side_args_for_data(device):
 def run_worker(opts, side, target, check, amp=False):
     env = dict(os.environ, TORCH_HOME=os.path.join(opts.tmp, "torch_home"),
                OMP_NUM_THREADS=str(opts.threads), PYTHONWARNINGS="ignore")
-    if side == "ours" or opts.published_thp:
-        env["THP_MEM_ALLOC_ENABLE"] = "1"
-    else:
-        env.pop("THP_MEM_ALLOC_ENABLE", None)
     repeats = opts.repeats or (3 if target in ("train_step", "inference") else 10)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--side", side,
            "--target", target, "--tmp", opts.tmp, "--published", opts.published,
@@ -287,6 +293,7 @@ def run_worker(opts, side, target, check, amp=False):
            "--repeats", str(repeats), "--warmup", str(opts.warmup)]
     cmd += ["--check"] if check else []
     cmd += ["--amp"] if amp else []
+    cmd += ["--published-allocator"] if opts.published_allocator else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=opts.tmp)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -299,13 +306,13 @@ def max_relative_difference(tmp, target):
     ours = torch.load(os.path.join(tmp, f"check_ours_{target}.pt"))
     published = torch.load(os.path.join(tmp, f"check_published_{target}.pt"))
     if set(ours) != set(published):
-        return float("nan")
-    worst = 0.0
+        return float("nan"), "different outputs", {}
+    differences = {}
     for key, a in ours.items():
         b = published[key]
-        scale = b.abs().max().item() or 1.0
-        worst = max(worst, (a - b).abs().max().item() / scale)
-    return worst
+        differences[key] = (a - b).abs().max().item() / (b.abs().max().item() or 1.0)
+    where = max(differences, key=differences.get)
+    return differences[where], where, differences
 
 
 def main(argv=None):
@@ -320,8 +327,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--amp", action="store_true",
                         help="also time our side under bf16 autocast (its own column)")
-    parser.add_argument("--published-thp", action="store_true",
-                        help="give the published side the huge-page allocation too")
+    parser.add_argument("--published-allocator", action="store_true",
+                        help="give the published side our malloc settings too")
     parser.add_argument("--json", help="also write the table as JSON to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", help=argparse.SUPPRESS)
@@ -353,13 +360,19 @@ def main(argv=None):
             row = {"target": target,
                    "published_ms": 1000 * statistics.median(times["published"]),
                    "ours_ms": 1000 * statistics.median(times["ours"]),
-                   "max_rel_diff": max_relative_difference(tmp, target)}
+                   **dict(zip(("max_rel_diff", "where", "differences"),
+                              max_relative_difference(tmp, target)))}
             row["ratio"] = row["published_ms"] / row["ours_ms"]
             if times["ours_amp"]:
                 row["ours_amp_ms"] = 1000 * statistics.median(times["ours_amp"])
                 row["ratio_amp"] = row["published_ms"] / row["ours_amp_ms"]
             rows.append(row)
             print_row(row, header=len(rows) == 1, amp=opts.amp)
+    for row in rows:
+        if row["max_rel_diff"] > 1e-5:
+            print(f"{row['target']}: relative differences above 1e-5: " + ", ".join(
+                f"{k} {v:.1e}" for k, v in sorted(row["differences"].items(), key=lambda kv: -kv[1])
+                if v > 1e-5))
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump({"device": opts.device, "threads": opts.threads, "rows": rows}, f, indent=1)
@@ -369,13 +382,13 @@ def print_row(row, header, amp):
     if header:
         cols = f"{'target':<11} {'published ms':>13} {'ours ms':>10} {'ratio':>7} {'goal':>6}"
         cols += f" {'ours amp ms':>12} {'ratio':>7}" if amp else ""
-        print(cols + f" {'max rel diff':>13}")
+        print(cols + f" {'max rel diff':>13}  where")
     line = (f"{row['target']:<11} {row['published_ms']:>13.1f} {row['ours_ms']:>10.1f} "
             f"{row['ratio']:>6.2f}x {GOALS[row['target']]:>5.1f}x")
     if amp:
         line += (f" {row['ours_amp_ms']:>12.1f} {row['ratio_amp']:>6.2f}x" if "ours_amp_ms" in row
                  else f" {'-':>12} {'-':>7}")
-    print(line + f" {row['max_rel_diff']:>13.1e}", flush=True)
+    print(line + f" {row['max_rel_diff']:>13.1e}  {row['where']}", flush=True)
 
 
 if __name__ == "__main__":
