@@ -317,6 +317,7 @@ def test_rpe_attention_in_training_mode_with_dropout_matches_slow_implementation
     # the v-encoding must come from the dropped-out weights, values and gradients alike
     torch.manual_seed(7)
     layer = RPEMultiheadAttention(24, 3, dropout=0.5, rpe_config=parse_rpe_string(setting)).train()
+    layer.use_fused_kernels = False  # the plain path (the compiled one: tests/test_fused_attention.py)
     with torch.no_grad():
         for name, p in layer.named_parameters():
             if "lookup_table" in name:
