@@ -1,5 +1,5 @@
-"""On the CPU the backbone runs in channels-last layout (a speed path): the same features and
-gradients as torchvision's ResNet in its default layout, and the same state_dict."""
+"""On the CPU the backbone runs large images in channels-last layout (a speed path): the same
+features and gradients as torchvision's ResNet in its default layout, and the same state_dict."""
 import copy
 
 import torch
@@ -25,6 +25,9 @@ def test_channels_last_backbone_equals_the_default_layout_in_values_and_gradient
     assert unexpected == [] and missing == ["fc.weight", "fc.bias"]
 
     images = [torch.randn(3, 70, 90), torch.randn(3, 64, 61)]
+    small = backbone(nested_tensor_from_tensor_list(images))  # below 400 pixels: default layout
+    assert all(f.tensors.is_contiguous() for f in small.values())
+    backbone.channels_last_min_side = 60
     features = backbone(nested_tensor_from_tensor_list(images))
     assert all(f.tensors.is_contiguous(memory_format=torch.channels_last)
                for f in features.values())
