@@ -459,12 +459,16 @@ def main(args):
         logger.info("resumed from %s (epoch %s)", args.resume, checkpoint.get("epoch", "-"))
 
     _run_state["started"] = True  # from here on, an error is a failure of the run, not of its input
-    if args.eval:
-        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val,
-                                              base_ds, device, print_freq=args.print_freq,
-                                              coco_eval_backend=args.coco_eval_backend,
-                                              amp_dtype=amp_dtype)
+
+    def validate():
+        stats_and_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds,
+                                       device, print_freq=args.print_freq,
+                                       coco_eval_backend=args.coco_eval_backend, amp_dtype=amp_dtype)
         log_skipped_images(dataset_val, "validation")
+        return stats_and_evaluator
+
+    if args.eval:
+        test_stats, coco_evaluator = validate()
         if output_dir and utils.is_main_process():
             save_atomic(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval.pth")
             save_panoptic_eval(test_stats, output_dir / "panoptic_eval.json")
@@ -499,11 +503,7 @@ def main(args):
             save_atomic(checkpoint, output_dir / "checkpoint.pth")
             if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
                 save_atomic(checkpoint, output_dir / f"checkpoint{epoch:04}.pth")
-        test_stats, coco_evaluator = evaluate(model, criterion, postprocessors, data_loader_val,
-                                              base_ds, device, print_freq=args.print_freq,
-                                              coco_eval_backend=args.coco_eval_backend,
-                                              amp_dtype=amp_dtype)
-        log_skipped_images(dataset_val, "validation")
+        test_stats, coco_evaluator = validate()
         if output_dir and utils.is_main_process():
             log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
                          **{f"test_{k}": v for k, v in test_stats.items() if k != "PQ_per_class"},

@@ -231,7 +231,7 @@ def worker(opts):
 # ------------------------------------------------------------------------------------------
 # driver
 
-def make_data(tmp, device):
+def make_data(tmp):
     """One set of weights and inputs for both sides, from this repository's model builder."""
     import torch
     import torchvision
@@ -249,7 +249,7 @@ def make_data(tmp, device):
             "pad": pad.flatten(1), "grad_src": torch.randn(length, 2, 256),
             "q": torch.randn(2, 8, length, 32) * 32 ** -0.5,
             "grad_rpe": torch.randn(2, 8, length, length)}
-    model = build_model(side_args_for_data(device))[0]
+    model = build_model(side_args("ours", "cpu"))[0]
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lookup_table" in name:
@@ -274,13 +274,6 @@ def make_data(tmp, device):
     hub = os.path.join(tmp, "torch_home", "hub", "checkpoints")
     os.makedirs(hub, exist_ok=True)
     torch.save(torchvision.models.resnet50().state_dict(), os.path.join(hub, os.path.basename(url)))
-
-
-def side_args_for_data(device):
-    import main
-    return main.get_args_parser().parse_args(
-        ["--enc_rpe2d", RPE, "--device", "cpu", "--coco_path", "unused",
-         "--backbone_weights", "none"])
 
 
 def run_worker(opts, side, target, check, amp=False):
@@ -349,7 +342,7 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         opts.tmp = tmp
-        make_data(tmp, opts.device)
+        make_data(tmp)
         for target in targets:
             times = {"published": [], "ours": [], "ours_amp": []}
             for r in range(opts.rounds):
