@@ -35,7 +35,7 @@ from models.backbone import BackboneWeightsError, calibrate_frozen_batchnorm
 from models.rpe_attention.irpe import parse_rpe_string
 from util import amp
 from util.checkpoint import (CheckpointError, check_compatible, get_rng_states, load_checkpoint,
-                             load_for_finetuning, save_atomic, set_rng_states)
+                             load_for_finetuning, rng_states_kept, save_atomic, set_rng_states)
 from util.interrupt import Interrupted, stop_signals_raise
 from util.visualize import write_run_pictures
 
@@ -333,6 +333,41 @@ def set_classes(args, dataset):
                          f"{largest + 1} or more, or leave it out to follow the categories")
 
 
+def record_epoch(output_dir, epoch, train_stats, test_stats, coco_evaluator, n_parameters):
+    """The epoch's line of OUTPUT_DIR/log.txt and its evaluation files (main process)."""
+    log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                 **{f"test_{k}": v for k, v in test_stats.items() if k != "PQ_per_class"},
+                 "epoch": epoch, "n_parameters": n_parameters}
+    with (output_dir / "log.txt").open("a") as f:
+        f.write(json.dumps(log_stats) + "\n")
+    (output_dir / "eval").mkdir(exist_ok=True)
+    save_atomic(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / "latest.pth")
+    save_panoptic_eval(test_stats, output_dir / "eval" / "panoptic_latest.json")
+    if epoch % 50 == 0:
+        save_atomic(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / f"{epoch:03}.pth")
+
+
+def logged_epochs(log):
+    """The epochs of the lines of a log.txt; a line that is not JSON (cut short) counts for none."""
+    epochs = []
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        try:
+            epochs.append(json.loads(line).get("epoch"))
+        except ValueError:
+            pass
+    return epochs
+
+
+def unevaluated_training(args, checkpoint):
+    """The training statistics of the run's own checkpoint when its epoch has no line in log.txt
+    (the run stopped during that epoch's evaluation), else None. The main process decides."""
+    own = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
+    missing = (utils.is_main_process() and own is not None and Path(args.resume) == own
+               and "train_stats" in checkpoint
+               and checkpoint["epoch"] not in logged_epochs(own.with_name("log.txt")))
+    return checkpoint["train_stats"] if utils.all_gather(missing)[0] else None
+
+
 def write_pictures(args, output_dir, model, postprocessors, dataset, coco_api, device, curves):
     """The end-of-run pictures (util.visualize.write_run_pictures); a failure is logged, not raised:
     the run's results are saved by then."""
@@ -440,6 +475,7 @@ def main(args):
     lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
 
     output_dir = Path(args.output_dir) if args.output_dir else None
+    unevaluated = None  # the training statistics of a resumed epoch whose evaluation was cut short
     if args.resume:
         checkpoint = load_checkpoint(args.resume)
         check_compatible(model_without_ddp, checkpoint, args, name=args.resume)
@@ -449,6 +485,7 @@ def main(args):
             lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
             log_resumed_learning_rates(args, lr_scheduler.base_lrs)
             args.start_epoch = checkpoint["epoch"] + 1
+            unevaluated = unevaluated_training(args, checkpoint)
             resume_scaler(scaler, checkpoint)
             rng = checkpoint.get("rng_states")
             if rng is not None and len(rng) == utils.get_world_size():
@@ -461,9 +498,14 @@ def main(args):
     _run_state["started"] = True  # from here on, an error is a failure of the run, not of its input
 
     def validate():
-        stats_and_evaluator = evaluate(model, criterion, postprocessors, data_loader_val, base_ds,
-                                       device, print_freq=args.print_freq,
-                                       coco_eval_backend=args.coco_eval_backend, amp_dtype=amp_dtype)
+        # the random states come out of the evaluation as they went in, so the next epoch starts
+        # from those the checkpoint saved before it (with --num_workers 0 the evaluation's
+        # transforms run in this process: RandomResize draws from Python's random)
+        with rng_states_kept(*generators, data_loader_val.generator):
+            stats_and_evaluator = evaluate(model, criterion, postprocessors, data_loader_val,
+                                           base_ds, device, print_freq=args.print_freq,
+                                           coco_eval_backend=args.coco_eval_backend,
+                                           amp_dtype=amp_dtype)
         log_skipped_images(dataset_val, "validation")
         return stats_and_evaluator
 
@@ -480,6 +522,13 @@ def main(args):
     logger.info("start training")
     start_time = time.time()
     test_stats = {}
+    if unevaluated is not None:  # so that log.txt and eval/ are those of a run never stopped
+        logger.info("the evaluation of epoch %d did not finish before the run stopped: it runs now",
+                    args.start_epoch - 1)
+        test_stats, coco_evaluator = validate()
+        if utils.is_main_process():
+            record_epoch(output_dir, args.start_epoch - 1, unevaluated, test_stats, coco_evaluator,
+                         n_parameters)
     for epoch in range(args.start_epoch, args.epochs):
         if args.distributed:
             sampler_train.set_epoch(epoch)
@@ -492,12 +541,12 @@ def main(args):
         lr_scheduler.step()
         log_skipped_images(dataset_train, "training")
         # saved before evaluation, so a failure there does not lose the epoch's training (the
-        # evaluation draws nothing from the random states saved)
+        # random states saved are those the next epoch starts from: validate keeps them)
         rng_states = utils.all_gather(get_rng_states(*generators))
         if output_dir and utils.is_main_process():
             checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
                           "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
-                          "rng_states": rng_states}
+                          "rng_states": rng_states, "train_stats": train_stats}
             if scaler is not None:
                 checkpoint["scaler"] = scaler.state_dict()
             save_atomic(checkpoint, output_dir / "checkpoint.pth")
@@ -505,16 +554,7 @@ def main(args):
                 save_atomic(checkpoint, output_dir / f"checkpoint{epoch:04}.pth")
         test_stats, coco_evaluator = validate()
         if output_dir and utils.is_main_process():
-            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                         **{f"test_{k}": v for k, v in test_stats.items() if k != "PQ_per_class"},
-                         "epoch": epoch, "n_parameters": n_parameters}
-            with (output_dir / "log.txt").open("a") as f:
-                f.write(json.dumps(log_stats) + "\n")
-            (output_dir / "eval").mkdir(exist_ok=True)
-            save_atomic(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / "latest.pth")
-            save_panoptic_eval(test_stats, output_dir / "eval" / "panoptic_latest.json")
-            if epoch % 50 == 0:
-                save_atomic(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / f"{epoch:03}.pth")
+            record_epoch(output_dir, epoch, train_stats, test_stats, coco_evaluator, n_parameters)
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     logger.info("training time %s", total_time)

@@ -1,7 +1,14 @@
 """Interrupted runs: SIGTERM, SIGKILL, --auto_resume, torchrun's elastic restarts, several nodes on
 one machine, and submitit's requeue. Runs that are stopped and restarted must end with exactly
-the tensors of a run never stopped."""
+the tensors of a run never stopped.
+
+Two data sets: the toy data (96-pixel images, random-free evaluation transforms) and real
+photographs through the COCO transforms (images of 480 to 1333 pixels, so the backbone runs in
+channels-last; the evaluation's RandomResize draws from Python's random, in the main process with
+--num_workers 0)."""
+import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -9,14 +16,17 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 import main
 from datasets.toy import generate_toy_coco
 from tests.conftest import ROOT
+from tests.photo_coco import write_photo_coco
 from tests.test_main import TINY
-from util.checkpoint import load_checkpoint, save_atomic
+from util.checkpoint import (get_rng_states, load_checkpoint, rng_states_kept, save_atomic,
+                             set_rng_states)
 from util.interrupt import Interrupted, signals_deferred, stop_signals_raise
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
@@ -28,13 +38,27 @@ ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def options(toy, out, epochs=3):
-    return ["--dataset_file", "toy", "--toy_path", toy, "--toy_num_train", NUM_TRAIN, "--toy_num_val",
-            NUM_VAL, *TINY, "--lr_drop", 1, "--epochs", epochs, "--output_dir", out]
+    return ["--dataset_file", "toy", "--toy_path", toy, "--toy_num_train", NUM_TRAIN,
+            "--toy_num_val", NUM_VAL, *TINY, "--lr_drop", 1, "--epochs", epochs,
+            "--output_dir", out]
+
+
+# a small model of the published configuration (iRPE, dropout 0.1), one image per batch: two
+# training photographs make 2 iterations per epoch (1 per process with two processes)
+PHOTO_MODEL = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", 32,
+               "--nheads", 4, "--enc_layers", 1, "--dec_layers", 1, "--num_queries", 10,
+               "--batch_size", 1, "--enc_rpe2d", "rpe-2.0-product-ctx-1-k", "--num_workers", 0,
+               "--device", "cpu", "--print_freq", 1, "--vis_images", 0]
+
+
+def photo_options(photos, out, epochs):
+    return ["--coco_path", photos, *PHOTO_MODEL, "--epochs", epochs, "--output_dir", out]
 
 
 def start(*argv, **kwargs):
     """A command of this repository's Python in a fresh process group, output to a pipe."""
-    return subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, env=dict(os.environ, **ENV),
+    return subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT,
+                            env=dict(os.environ, **ENV),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
@@ -43,17 +67,24 @@ def finish(proc, timeout=240):
     return proc.returncode, out
 
 
-def wait_for_line(proc, log, text, timeout=240):
-    """Wait until `text` is in the file `log` (a run's run.log); fail if `proc` ends first."""
+def wait_until(proc, ready, what, timeout=240, poll=0.05):
+    """Wait until ready() is true; fail if `proc` ends first, or after `timeout` s."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if log.is_file() and text in log.read_text():
+        if ready():
             return
         if proc.poll() is not None:
-            pytest.fail(f"the run ended before logging {text!r}:\n{finish(proc)[1][-3000:]}")
-        time.sleep(0.05)
+            pytest.fail(f"the run ended before {what}:\n{finish(proc)[1][-3000:]}")
+        time.sleep(poll)
     proc.kill()
-    pytest.fail(f"no {text!r} in {log} after {timeout} s")
+    pytest.fail(f"not {what} after {timeout} s")
+
+
+def wait_for_line(proc, log, text, timeout=240, count=1, after=0):
+    """Wait until `text` is `count` times in the file `log` (a run's run.log or log.txt) past its
+    first `after` characters."""
+    wait_until(proc, lambda: log.is_file() and log.read_text()[after:].count(text) >= count,
+               f"{text!r} was {count} times in {log}", timeout)
 
 
 def children(pid):
@@ -87,15 +118,27 @@ def assert_same_state(ours, theirs, where="checkpoint"):
         assert ours == theirs, where
 
 
+def log_records(out):
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
+
+
 def logged_epochs(out):
-    import json
-    return [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
+    return [record["epoch"] for record in log_records(out)]
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("restarts") / "toy_data"
     generate_toy_coco(str(root), num_train=NUM_TRAIN, num_val=NUM_VAL)
+    return root
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """COCO folders of real photographs of at least 400 pixels a side: 2 training, 2 validation."""
+    root = tmp_path_factory.mktemp("photos")
+    sizes = write_photo_coco(root, train=("astronaut", "rocket"), val=("coffee", "hubble"))
+    assert min(min(size) for split in sizes.values() for size in split) >= 400
     return root
 
 
@@ -165,7 +208,8 @@ def test_interruption_message_names_only_a_checkpoint_of_this_run(tmp_path):
     args = main.get_args_parser().parse_args(["--output_dir", str(tmp_path)])
     stop = Interrupted(signal.SIGTERM)
     started = time.time()
-    assert "before the first epoch of this run finished" in main.interruption_message(stop, args, started)
+    assert ("before the first epoch of this run finished"
+            in main.interruption_message(stop, args, started))
     save_atomic({"model": {}, "epoch": 3}, tmp_path / "checkpoint.pth")
     os.utime(tmp_path / "checkpoint.pth", (started - 60, started - 60))  # an older run's file
     assert "nothing was saved" in main.interruption_message(stop, args, started)
@@ -204,6 +248,35 @@ def test_auto_resume_rule(tmp_path, monkeypatch):
         main.resolve_auto_resume(parse(["--auto_resume"]))
 
 
+def test_draws_inside_rng_states_kept_leave_every_stream_as_it_was():
+    generator = torch.Generator().manual_seed(3)
+
+    def draws():
+        return [torch.rand(3), torch.rand(2, generator=generator),
+                torch.tensor(np.random.rand(2)), torch.tensor([random.random()])]
+
+    before = get_rng_states(generator)
+    with rng_states_kept(generator):
+        inside = draws()
+    after = draws()
+    set_rng_states(before, generator)
+    assert all(torch.equal(a, b) for a, b in zip(inside, after))  # what follows drew the same
+    assert_same_state(get_rng_states(generator), before)
+
+
+def test_an_evaluation_cut_short_runs_again_only_for_the_run_s_own_checkpoint(tmp_path):
+    args = main.get_args_parser().parse_args(["--output_dir", str(tmp_path),
+                                              "--resume", str(tmp_path / "checkpoint.pth")])
+    stats = {"loss": 1.5}
+    assert main.unevaluated_training(args, {"epoch": 0, "train_stats": stats}) == stats  # no log
+    (tmp_path / "log.txt").write_text('{"epoch": 0}\n{"epoch": 1}\n{"epo')  # the last line cut
+    assert main.unevaluated_training(args, {"epoch": 1, "train_stats": stats}) is None
+    assert main.unevaluated_training(args, {"epoch": 2, "train_stats": stats}) == stats
+    assert main.unevaluated_training(args, {"epoch": 2}) is None  # a file without the statistics
+    args.resume = str(tmp_path / "other" / "checkpoint.pth")  # another run's file starts this one
+    assert main.unevaluated_training(args, {"epoch": 2, "train_stats": stats}) is None
+
+
 # ----------------------------------------------------------------------------------------------
 # One process: SIGTERM, then SIGKILL, each time the same command again
 
@@ -231,21 +304,113 @@ def test_sigterm_then_sigkill_then_the_same_command_ends_as_never_stopped(toy, s
     code, text = finish(start(*command))
     assert code == 0, text[-3000:]
     assert f"resumed from {out / 'checkpoint.pth'} (epoch 1)" in text
-    assert_same_state(load_checkpoint(out / "checkpoint.pth"), load_checkpoint(straight / "checkpoint.pth"))
+    assert_same_state(load_checkpoint(out / "checkpoint.pth"),
+                      load_checkpoint(straight / "checkpoint.pth"))
     assert logged_epochs(out) == [0, 1, 2]
 
 
 # ----------------------------------------------------------------------------------------------
-# torchrun: two nodes on one machine, and an elastic restart
+# Real photographs, --num_workers 0: SIGKILL at four points of epoch 2 (of 0 to 3), each time the
+# same command again
+
+PHOTO_EPOCHS = 4
+# --lr_drop 3 keeps epoch 2's checkpoint as checkpoint0002.pth (the drop comes after it)
+PHOTO_LR_DROP = ["--lr_drop", 3]
+
 
 @pytest.fixture(scope="module")
-def two_nodes(toy, tmp_path_factory):
+def photo_straight(photos, tmp_path_factory):
+    """PHOTO_EPOCHS epochs on the photographs in one process, never interrupted."""
+    out = tmp_path_factory.mktemp("photo_straight")
+    code, text = finish(start("main.py", *photo_options(photos, out, PHOTO_EPOCHS), *PHOTO_LR_DROP))
+    assert code == 0, text[-3000:]
+    return out
+
+
+def temporary_checkpoints(out):
+    return sorted(out.glob("checkpoint.pth.tmp-*"))
+
+
+def start_and_kill(command, out, ready):
+    """Run `command`, SIGKILL it once ready(proc, run_log, offset) returns (offset: the length of
+    run.log before the start, so that only this run's lines count); returns its output."""
+    log = out / "run.log"
+    offset = len(log.read_text()) if log.is_file() else 0
+    proc = start(*command)
+    ready(proc, log, offset)
+    proc.kill()
+    code, text = finish(proc)
+    assert code == -signal.SIGKILL, text[-3000:]
+    return text
+
+
+def test_sigkill_at_four_points_of_epoch_2_each_time_the_same_command_ends_as_never_stopped(
+        photos, photo_straight, tmp_path):
+    out = tmp_path / "out"
+    command = ["main.py", *photo_options(photos, out, PHOTO_EPOCHS), *PHOTO_LR_DROP,
+               "--auto_resume"]
+    resumed = f"resumed from {out / 'checkpoint.pth'} (epoch "
+
+    def checkpoint_epoch():
+        return load_checkpoint(out / "checkpoint.pth")["epoch"]
+
+    # early: once epoch 1's evaluation is in log.txt, epoch 2 starts
+    start_and_kill(command, out, lambda proc, log, offset: wait_for_line(
+        proc, out / "log.txt", "\n", count=2))
+    assert checkpoint_epoch() == 1 and logged_epochs(out) == [0, 1]
+
+    # mid-epoch: after the first of epoch 2's two iterations
+    text = start_and_kill(command, out, lambda proc, log, offset: wait_for_line(
+        proc, log, "Epoch: [2] [0/2]", after=offset))
+    assert resumed + "1)" in text and checkpoint_epoch() == 1
+
+    # while epoch 2's checkpoint is written: as soon as its temporary file appears
+    def saving(proc, log, offset):
+        wait_for_line(proc, log, "Epoch: [2] [1/2]", after=offset)
+        wait_until(proc, lambda: temporary_checkpoints(out), "the checkpoint's temporary file "
+                   "appeared", poll=0.001)
+
+    text = start_and_kill(command, out, saving)
+    assert resumed + "1)" in text
+    assert temporary_checkpoints(out) and checkpoint_epoch() == 1  # the file of before, whole
+
+    # during epoch 2's evaluation: after the first of its two images
+    text = start_and_kill(command, out, lambda proc, log, offset: wait_for_line(
+        proc, log, "Test: [0/2]", after=offset))
+    assert resumed + "1)" in text and checkpoint_epoch() == 2 and logged_epochs(out) == [0, 1]
+    # three runs stopped within epoch 2, the last one finished its training exactly
+    assert_same_state(load_checkpoint(out / "checkpoint.pth"),
+                      load_checkpoint(photo_straight / "checkpoint0002.pth"))
+
+    code, text = finish(start(*command))
+    assert code == 0, text[-3000:]
+    assert resumed + "2)" in text
+    # weights, optimizer, scheduler and random states, after an epoch that started where the
+    # interrupted evaluation left the random states
+    assert_same_state(load_checkpoint(out / "checkpoint.pth"),
+                      load_checkpoint(photo_straight / "checkpoint.pth"))
+    # the interrupted evaluation ran again: log.txt as that of the run never stopped
+    assert "the evaluation of epoch 2 did not finish before the run stopped: it runs now" in text
+    assert log_records(out) == log_records(photo_straight)
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun on the photographs: two nodes on one machine, and an elastic restart
+
+def torchrun_options(photos, out):
+    """3 epochs of one iteration per process; --lr_drop 2 keeps epoch 1's checkpoint."""
+    return [*photo_options(photos, out, 3), "--lr_drop", 2]
+
+
+@pytest.fixture(scope="module")
+def two_nodes(photos, tmp_path_factory):
     """3 epochs on two "nodes" of one process each (two torchrun agents, c10d rendezvous)."""
     out = tmp_path_factory.mktemp("two_nodes")
     endpoint = f"127.0.0.1:{free_port()}"
-    nodes = [start("-m", "torch.distributed.run", "--nnodes", 2, "--nproc_per_node", 1, "--node_rank",
-                   rank, "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint, "--rdzv_id", "two_nodes",
-                   "main.py", *options(toy, out)) for rank in (0, 1)]
+    nodes = [start("-m", "torch.distributed.run", "--nnodes", 2, "--nproc_per_node", 1,
+                   "--node_rank", rank, "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+                   "--rdzv_id", "two_nodes", "main.py", *torchrun_options(photos, out))
+             for rank in (0, 1)]
     for node in nodes:
         code, text = finish(node)
         assert code == 0, text[-3000:]
@@ -253,12 +418,14 @@ def two_nodes(toy, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def restarted(toy, tmp_path_factory):
-    """3 epochs on one node of two processes, one of them killed in epoch 2; torchrun restarts."""
+def restarted(photos, tmp_path_factory):
+    """3 epochs on one node of two processes, one of them killed early in epoch 2 (once epoch 1's
+    evaluation is logged); torchrun restarts the group."""
     out = tmp_path_factory.mktemp("restarted")
     proc = start("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
-                 "--max_restarts", 1, "--monitor_interval", 0.1, "main.py", *options(toy, out))
-    wait_for_line(proc, out / "run.log", "Epoch: [2] [0/1]")  # one iteration per epoch and process
+                 "--max_restarts", 1, "--monitor_interval", 0.1, "main.py",
+                 *torchrun_options(photos, out))
+    wait_for_line(proc, out / "log.txt", "\n", count=2)
     workers = children(proc.pid)
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
@@ -269,12 +436,12 @@ def restarted(toy, tmp_path_factory):
 
 def test_two_nodes_of_one_process_equal_one_node_of_two(two_nodes, restarted):
     log = (two_nodes / "run.log").read_text()
-    assert "world size 2 on 2 nodes, 2 images per process, effective batch 4" in log
+    assert "world size 2 on 2 nodes, 1 images per process, effective batch 2" in log
     assert log.count("start training") == 1  # one process logs and writes
-    assert "world size 2 on 1 node, 2 images per process" in (restarted / "run.log").read_text()
-    # the first epoch of the one-node run, written before one of its processes was killed
-    assert_same_state(load_checkpoint(two_nodes / "checkpoint0000.pth"),
-                      load_checkpoint(restarted / "checkpoint0000.pth"))
+    assert "world size 2 on 1 node, 1 images per process" in (restarted / "run.log").read_text()
+    # epoch 1 of the one-node run, written before one of its processes was killed
+    assert_same_state(load_checkpoint(two_nodes / "checkpoint0001.pth"),
+                      load_checkpoint(restarted / "checkpoint0001.pth"))
 
 
 def test_worker_killed_in_epoch_2_group_restarts_and_ends_as_never_stopped(two_nodes, restarted):
@@ -283,17 +450,18 @@ def test_worker_killed_in_epoch_2_group_restarts_and_ends_as_never_stopped(two_n
     assert f"resumed from {restarted / 'checkpoint.pth'} (epoch 1)" in log
     assert_same_state(load_checkpoint(restarted / "checkpoint.pth"),
                       load_checkpoint(two_nodes / "checkpoint.pth"))
-    assert logged_epochs(restarted) == [0, 1, 2]
+    assert log_records(restarted) == log_records(two_nodes)
 
 
 # ----------------------------------------------------------------------------------------------
 # Slurm through submitit, with its local executor
 
-def test_submitit_job_preempted_in_epoch_2_requeues_and_ends_as_never_stopped(toy, straight, tmp_path):
+def test_submitit_job_preempted_in_epoch_2_requeues_and_ends_as_never_stopped(toy, straight,
+                                                                              tmp_path):
     pytest.importorskip("submitit")
     job_dir = tmp_path / "job"
-    proc = start("run_with_submitit.py", "--local", "--ngpus", 0, "--timeout", 10, "--job_dir", job_dir,
-                 *options(toy, "")[:-2])  # the run's output goes to --job_dir
+    proc = start("run_with_submitit.py", "--local", "--ngpus", 0, "--timeout", 10,
+                 "--job_dir", job_dir, *options(toy, "")[:-2])  # the output goes to --job_dir
     wait_for_line(proc, job_dir / "run.log", "Epoch: [2] [0/2]")
     # what Slurm does before a time-out or on preemption: SIGUSR2 to the job's task
     controller, = children(proc.pid)
@@ -306,7 +474,8 @@ def test_submitit_job_preempted_in_epoch_2_requeues_and_ends_as_never_stopped(to
     assert f"resumed from {job_dir / 'checkpoint.pth'} (epoch 1)" in log
     task_logs = "".join(p.read_text() for p in (job_dir / "submitit").rglob("*_log.*"))
     assert "Requeued job" in task_logs
-    assert_same_state(load_checkpoint(job_dir / "checkpoint.pth"), load_checkpoint(straight / "checkpoint.pth"))
+    assert_same_state(load_checkpoint(job_dir / "checkpoint.pth"),
+                      load_checkpoint(straight / "checkpoint.pth"))
     assert logged_epochs(job_dir) == [0, 1, 2]
 
 

@@ -1,6 +1,7 @@
 """Checkpoints: safe loading (local path or URL), atomic saving, random states, and telling a
 checkpoint of another configuration apart with a readable message."""
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -141,6 +142,17 @@ def set_rng_states(states, *generators):
     random.setstate((version, tuple(internal), gauss))
     for g, state in zip(generators, states["generators"]):
         g.set_state(_from_bytes(state))
+
+
+@contextlib.contextmanager
+def rng_states_kept(*generators):
+    """Every random state of get_rng_states (and `generators`) is back as before once the block
+    ends, whatever the block drew: what comes after it draws as if the block had not run."""
+    states = get_rng_states(*generators)
+    try:
+        yield
+    finally:
+        set_rng_states(states, *generators)
 
 
 # ----------------------------------------------------------------------------------------------
