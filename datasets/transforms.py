@@ -19,12 +19,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from util.box_ops import box_xyxy_to_cxcywh
+from util.misc import IMAGENET_MEAN, IMAGENET_STD
 
 # Per-instance entries of a target: filtered together when boxes are removed.
 INSTANCE_FIELDS = ("boxes", "labels", "area", "iscrowd", "masks")
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # DETR's multi-scale training: short sides 480, 512, ..., 800.
 TRAIN_SCALES = tuple(range(480, 801, 32))

@@ -19,6 +19,11 @@ from util.checkpoint import save_atomic
 
 logger = logging.getLogger(__name__)
 
+# the normalisation of the images the model sees (datasets/transforms.py applies it, pictures of
+# the inputs undo it)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 # ----------------------------------------------------------------------------------------------
 # Batching
