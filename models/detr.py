@@ -183,9 +183,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
+            x = F.relu(layer(x)) if i < len(self.layers) - 1 else layer(x)
         return x
 
 
