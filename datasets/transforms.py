@@ -35,13 +35,6 @@ CROP_MAX_SIZE = 600
 VAL_SCALE = 800
 
 
-def _keep_instances(target, keep):
-    """Index every per-instance field of `target` with the boolean mask `keep` (in place)."""
-    for field in INSTANCE_FIELDS:
-        if field in target:
-            target[field] = target[field][keep]
-
-
 # ----------------------------------------------------------------------------------------------
 # Functional forms
 
@@ -122,7 +115,7 @@ def crop(image, target, region):
         target["boxes"] = boxes
         target["area"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        _keep_instances(target, keep)
+        target.update({k: target[k][keep] for k in INSTANCE_FIELDS if k in target})
     return image, target
 
 
