@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import util.cpu_allocator  # noqa: F401  (keeps freed memory for reuse: see there)
 import util.misc as utils
-from datasets import (build_dataset, dataset_categories, get_coco_api_from_dataset, num_classes_for,
-                      uses_own_files)
+from datasets import (build_dataset, dataset_categories, get_coco_api_from_dataset,
+                      is_thing_map_for, num_classes_for, uses_own_files)
 from datasets.coco import BadImageError, DatasetNotFoundError
 from datasets.coco_eval_backends import COCO_EVAL_BACKENDS, get_backend as get_coco_eval_backend
 from engine import NonFiniteLossError, evaluate, train_one_epoch
@@ -318,15 +318,17 @@ def resume_scaler(scaler, checkpoint):
 
 
 def set_classes(args, dataset):
-    """Keep the data's category names in args (so in every checkpoint) and, for your own files,
-    make the classifier follow them (largest id + 1) unless --num_classes says otherwise."""
+    """What the model takes from the data (args.num_classes, args.is_thing_map), and the data's
+    category names in args (so in every checkpoint). For your own files the classifier follows
+    the categories (largest id + 1) unless --num_classes says otherwise."""
     args.category_names = dataset_categories(dataset)
     largest = max(args.category_names, default=0)
     if args.num_classes is None and uses_own_files(args):
         args.num_classes = largest + 1
         logger.info("num_classes %d: the largest category id + 1 of the annotation file "
                     "(categories %s)", args.num_classes, args.category_names)
-    num_classes = args.num_classes or num_classes_for(args.dataset_file)
+    args.num_classes = num_classes = args.num_classes or num_classes_for(args.dataset_file)
+    args.is_thing_map = is_thing_map_for(args.dataset_file)
     if largest >= num_classes:
         raise ValueError(f"the data has category id {largest}, but the classifier has ids "
                          f"0..{num_classes - 1} (--num_classes {num_classes}): pass --num_classes "

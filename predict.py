@@ -132,13 +132,13 @@ def load_model(checkpoint_path, command_line, device):
     """(model in eval mode on `device`, PostProcess, {category id: name}) of a checkpoint."""
     checkpoint = load_checkpoint(checkpoint_path)
     options = model_options(checkpoint, command_line, device)
+    options.num_classes = options.num_classes or num_classes_for(options.dataset_file)
     model, _, postprocessors = build_model(options)
     check_compatible(model, checkpoint, options)
     model.load_state_dict(checkpoint["model"], strict=True)
     names = getattr(options, "category_names", None)
     if not names:  # COCO's names are the right ones only for a COCO-sized classifier
-        num_classes = options.num_classes or num_classes_for(options.dataset_file)
-        names = COCO_CATEGORY_NAMES if num_classes == num_classes_for("coco") else {}
+        names = COCO_CATEGORY_NAMES if options.num_classes == num_classes_for("coco") else {}
     return model.eval().to(device), postprocessors["bbox"], {int(k): str(v) for k, v in names.items()}
 
 

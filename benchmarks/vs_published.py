@@ -51,7 +51,8 @@ def import_side(side, published):
 
 def side_args(side, device):
     import main
-    common = ["--enc_rpe2d", RPE, "--device", device, "--coco_path", "unused"]
+    common = ["--enc_rpe2d", RPE, "--device", device, "--coco_path", "unused",
+              "--num_classes", "91"]
     if side == "ours":
         common += ["--backbone_weights", "none"]
     return main.get_args_parser().parse_args(common)

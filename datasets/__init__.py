@@ -15,9 +15,12 @@ from datasets.panoptic_eval import PanopticEvaluator
 from datasets.coco_eval import CocoEvaluator
 from datasets.toy import ToyDataError, generate_toy_coco
 
-SUPPORTED_DATASETS = ("coco", "coco_panoptic", "toy", "toy_panoptic")
-# DETR's class counts of the COCO files (largest category id + 1)
-COCO_NUM_CLASSES = {"coco": 91, "coco_panoptic": 250}
+BUILDERS = {"coco": coco.build, "coco_panoptic": coco_panoptic.build, "toy": toy.build,
+            "toy_panoptic": toy_panoptic.build}
+SUPPORTED_DATASETS = tuple(BUILDERS)
+# DETR's class counts (largest category id + 1)
+NUM_CLASSES = {"coco": 91, "coco_panoptic": 250, "toy": toy.NUM_CLASSES,
+               "toy_panoptic": toy_panoptic.NUM_CLASSES}
 
 __all__ = ["build_dataset", "get_coco_api_from_dataset", "CocoDetection", "CocoEvaluator",
            "DatasetNotFoundError", "ToyDataError", "generate_toy_coco", "num_classes_for",
@@ -30,27 +33,18 @@ def build_dataset(image_set, args):
     if image_set not in ("train", "val"):
         raise ValueError(f"unknown image_set {image_set!r}: expected 'train' or 'val'")
     dataset_file = getattr(args, "dataset_file", None)
-    if dataset_file == "coco":
-        return coco.build(image_set, args)
-    if dataset_file == "toy":
-        return toy.build(image_set, args)
-    if dataset_file == "coco_panoptic":
-        return coco_panoptic.build(image_set, args)
-    if dataset_file == "toy_panoptic":
-        return toy_panoptic.build(image_set, args)
-    raise ValueError(f"unknown --dataset_file {dataset_file!r}: expected one of {list(SUPPORTED_DATASETS)}")
+    if dataset_file not in BUILDERS:
+        raise ValueError(f"unknown --dataset_file {dataset_file!r}: expected one of "
+                         f"{list(SUPPORTED_DATASETS)}")
+    return BUILDERS[dataset_file](image_set, args)
 
 
 def num_classes_for(dataset_file):
     """DETR's num_classes (largest category id + 1) for a data set name."""
-    if dataset_file == "toy":
-        return toy.NUM_CLASSES
-    if dataset_file == "toy_panoptic":
-        return toy_panoptic.NUM_CLASSES
-    if dataset_file in COCO_NUM_CLASSES:
-        return COCO_NUM_CLASSES[dataset_file]
-    raise ValueError(f"unknown --dataset_file {dataset_file!r}: expected one of {list(SUPPORTED_DATASETS)}, "
-                     f"or pass --num_classes")
+    if dataset_file not in NUM_CLASSES:
+        raise ValueError(f"unknown --dataset_file {dataset_file!r}: expected one of "
+                         f"{list(SUPPORTED_DATASETS)}, or pass --num_classes")
+    return NUM_CLASSES[dataset_file]
 
 
 def is_thing_map_for(dataset_file):
@@ -63,10 +57,15 @@ def is_thing_map_for(dataset_file):
     return None
 
 
-def get_coco_api_from_dataset(dataset):
-    """The pycocotools COCO object behind a data set (torch.utils.data.Subset wrappers removed)."""
+def _unwrapped(dataset):
     while isinstance(dataset, torch.utils.data.Subset):
         dataset = dataset.dataset
+    return dataset
+
+
+def get_coco_api_from_dataset(dataset):
+    """The pycocotools COCO object behind a data set (torch.utils.data.Subset wrappers removed)."""
+    dataset = _unwrapped(dataset)
     if isinstance(dataset, CocoDetection):
         return dataset.coco
     raise TypeError(f"no COCO ground truth behind a {type(dataset).__name__}; expected a "
@@ -75,8 +74,7 @@ def get_coco_api_from_dataset(dataset):
 
 def dataset_categories(dataset):
     """{category id: name} of a COCO-format data set, in id order (plain ints and strings)."""
-    while isinstance(dataset, torch.utils.data.Subset):
-        dataset = dataset.dataset
+    dataset = _unwrapped(dataset)
     # a panoptic set's categories include stuff, which its box/mask AP ground truth lacks
     if isinstance(dataset, CocoPanoptic):
         cats = dataset.categories

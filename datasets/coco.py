@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import zipfile
 
+import numpy as np
 import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
@@ -99,6 +100,23 @@ def coco_format_problem(data):
     return None
 
 
+def quiet(fn, *args, **kwargs):
+    """Call a function with its progress printing captured; returns (result, text)."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        result = fn(*args, **kwargs)
+    return result, buf.getvalue()
+
+
+def coco_from_dict(dataset, coco_class=COCO):
+    """A pycocotools COCO (or `coco_class`, of the same interface) indexing the dict `dataset`,
+    without its progress printing."""
+    coco, _ = quiet(coco_class)
+    coco.dataset = dataset
+    quiet(coco.createIndex)
+    return coco
+
+
 def load_coco_api(annotation_file, help_text=LAYOUT_HELP):
     """pycocotools COCO object for a COCO-format json file (without its progress output).
 
@@ -117,11 +135,7 @@ def load_coco_api(annotation_file, help_text=LAYOUT_HELP):
     # pycocotools indexes annotations by 'id'; hand-made files often leave it out
     for number, ann in enumerate(data["annotations"], start=1):
         ann.setdefault("id", number)
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return fill_annotation_defaults(coco)
+    return fill_annotation_defaults(coco_from_dict(data))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,7 +162,7 @@ class FolderImages:
         return open(path, "rb")
 
     def describe(self, file_name):
-        return f"image file {os.path.join(self.folder, file_name)}"
+        return f"image file {self.path(file_name)}"
 
     def __repr__(self):
         return f"{type(self).__name__}({self.folder!r})"
@@ -194,17 +208,8 @@ class ZipImages:
                 f"{self.zip_path} has no member {self.member(file_name)}; {self.help_text}") from None
         return io.BytesIO(data)
 
-    def close(self):
-        if self._zip is not None and self._pid == os.getpid():
-            self._zip.close()
-        self._zip = None
-        self._pid = None
-
     def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_zip"] = None
-        state["_pid"] = None
-        return state
+        return {**self.__dict__, "_zip": None, "_pid": None}
 
     def __repr__(self):
         return f"{type(self).__name__}({self.zip_path!r}, prefix={self.prefix!r})"
@@ -289,6 +294,22 @@ def segmentation_mask(segmentation, height, width, image_id=None):
     return torch.from_numpy(mask.reshape(height, width) > 0)
 
 
+def mask_to_rle(mask):
+    """A (H, W) 0/1 mask as COCO's compressed RLE, its counts a str (json-ready)."""
+    rle = coco_mask.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def clipped_xyxy(bboxes, width, height):
+    """COCO [x, y, w, h] boxes -> (N, 4) float32 (x0, y0, x1, y1), clipped to the image."""
+    boxes = torch.tensor(bboxes, dtype=torch.float32).reshape(-1, 4)
+    boxes[:, 2:] += boxes[:, :2]
+    boxes[:, 0::2].clamp_(min=0, max=width)
+    boxes[:, 1::2].clamp_(min=0, max=height)
+    return boxes
+
+
 def count_box_faults(coco):
     """(boxes reaching outside their image, boxes of zero or negative size) among the non-crowd
     annotations of a pycocotools COCO object, by the image sizes its json gives.
@@ -329,10 +350,7 @@ def prepare_target(image_size, image_id, annotations, return_masks=False):
                              f"'segmentation'; use an instances file with masks, or drop --masks")
         masks = [segmentation_mask(a["segmentation"], h, w, image_id) for a in annotations]
         masks = torch.stack(masks) if masks else torch.zeros((0, h, w), dtype=torch.bool)
-    boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]
-    boxes[:, 0::2].clamp_(min=0, max=w)
-    boxes[:, 1::2].clamp_(min=0, max=h)
+    boxes = clipped_xyxy([a["bbox"] for a in annotations], w, h)
     labels = torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64)
     area = torch.tensor([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in annotations],
                         dtype=torch.float32)

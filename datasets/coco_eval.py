@@ -22,57 +22,42 @@ import copy
 
 import numpy as np
 import torch
-from pycocotools import mask as coco_mask
 
-from datasets.coco import fill_annotation_defaults
-from datasets.coco_eval_backends import get_backend, quiet
+from datasets.coco import fill_annotation_defaults, mask_to_rle, quiet
+from datasets.coco_eval_backends import get_backend
 from util.misc import all_gather
 
 SUPPORTED_IOU_TYPES = ("bbox", "segm")
 
 
-def _as_list(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().tolist()
-    return np.asarray(value).tolist()
+def _as_numpy(value):
+    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
 
 
-def predictions_to_coco_results(predictions):
-    """{image_id: {'scores', 'labels', 'boxes' (xyxy, absolute pixels)}} -> COCO result dicts."""
+def predictions_to_coco(predictions, iou_type="bbox"):
+    """{image_id: {'scores', 'labels', and 'boxes' (N, 4) xyxy in pixels, or for iou_type 'segm'
+    'masks' (N, 1, H, W) 0/1}} -> COCO result dicts ('bbox' xywh, or 'segmentation' RLE)."""
+    key = "masks" if iou_type == "segm" else "boxes"
     results = []
     for image_id, pred in predictions.items():
-        boxes = _as_list(pred["boxes"])
-        scores = _as_list(pred["scores"])
-        labels = _as_list(pred["labels"])
-        if not (len(boxes) == len(scores) == len(labels)):
-            raise ValueError(f"predictions for image {image_id} have {len(boxes)} boxes, "
+        items, scores, labels = (_as_numpy(pred[k]) for k in (key, "scores", "labels"))
+        if not (len(items) == len(scores) == len(labels)):
+            raise ValueError(f"predictions for image {image_id} have {len(items)} {key}, "
                              f"{len(scores)} scores and {len(labels)} labels; they must match")
-        for (x0, y0, x1, y1), score, label in zip(boxes, scores, labels):
-            results.append({
-                "image_id": int(image_id),
-                "category_id": int(label),
-                "bbox": [x0, y0, x1 - x0, y1 - y0],
-                "score": float(score),
-            })
+        for item, score, label in zip(items, scores.tolist(), labels.tolist()):
+            if key == "masks":
+                found = {"segmentation": mask_to_rle(item.reshape(item.shape[-2:]))}
+            else:
+                x0, y0, x1, y1 = item.tolist()
+                found = {"bbox": [x0, y0, x1 - x0, y1 - y0]}
+            results.append({"image_id": int(image_id), "category_id": int(label), **found,
+                            "score": float(score)})
     return results
 
 
-def predictions_to_coco_segmentation(predictions):
-    """{image_id: {'scores', 'labels', 'masks' (N, 1, H, W) 0/1}} -> COCO result dicts with RLE."""
-    results = []
-    for image_id, pred in predictions.items():
-        masks = pred["masks"].detach().cpu().numpy() if isinstance(pred["masks"], torch.Tensor) \
-            else np.asarray(pred["masks"])
-        scores, labels = _as_list(pred["scores"]), _as_list(pred["labels"])
-        if not (len(masks) == len(scores) == len(labels)):
-            raise ValueError(f"predictions for image {image_id} have {len(masks)} masks, "
-                             f"{len(scores)} scores and {len(labels)} labels; they must match")
-        for mask, score, label in zip(masks, scores, labels):
-            rle = coco_mask.encode(np.asfortranarray(mask.reshape(mask.shape[-2:]).astype(np.uint8)))
-            rle["counts"] = rle["counts"].decode("ascii")
-            results.append({"image_id": int(image_id), "category_id": int(label),
-                            "segmentation": rle, "score": float(score)})
-    return results
+def _per_image_shape(params, num_images):
+    """COCOeval orders its per-image results as [category][area range][image]."""
+    return len(params.catIds) if params.useCats else 1, len(params.areaRng), num_images
 
 
 class CocoEvaluator:
@@ -124,26 +109,21 @@ class CocoEvaluator:
         self._merged = False
         self.img_ids.extend(img_ids)
         for iou_type in self.iou_types:
-            results = (predictions_to_coco_segmentation(predictions) if iou_type == "segm"
-                       else predictions_to_coco_results(predictions))
+            results = predictions_to_coco(predictions, iou_type)
             coco_eval = self.coco_eval[iou_type]
             coco_eval.cocoDt = self.backend.load_results(self.coco_gt, img_ids, results)
             coco_eval.params.imgIds = list(img_ids)
             quiet(coco_eval.evaluate)
-            # COCOeval orders its per-image results as [category][area range][image].
-            num_cats = len(coco_eval.params.catIds) if coco_eval.params.useCats else 1
-            num_areas = len(coco_eval.params.areaRng)
             evaluated = self.backend.per_image(coco_eval)
             per_image = np.empty(len(evaluated), dtype=object)
             per_image[:] = evaluated
-            self.eval_imgs[iou_type].append(per_image.reshape(num_cats, num_areas, len(img_ids)))
+            self.eval_imgs[iou_type].append(
+                per_image.reshape(_per_image_shape(coco_eval.params, len(img_ids))))
 
     def _local_eval_imgs(self, iou_type):
         if self.eval_imgs[iou_type]:
             return np.concatenate(self.eval_imgs[iou_type], axis=2)
-        params = self.coco_eval[iou_type].params
-        num_cats = len(params.catIds) if params.useCats else 1
-        return np.empty((num_cats, len(params.areaRng), 0), dtype=object)
+        return np.empty(_per_image_shape(self.coco_eval[iou_type].params, 0), dtype=object)
 
     def _merge(self, gather):
         for iou_type in self.iou_types:
@@ -181,7 +161,3 @@ class CocoEvaluator:
             _, text = quiet(coco_eval.summarize)
             parts.append(f"IoU metric: {iou_type}\n{text}")
         return "".join(parts)
-
-    def stats(self):
-        """{iou_type: list of the 12 summary numbers} (after summarize)."""
-        return {t: np.asarray(e.stats).tolist() for t, e in self.coco_eval.items()}

@@ -16,12 +16,11 @@ by `tp + fp + 2.2e-16`, faster_coco_eval by `tp + fp`, so a precision of 1/1 (a 
 highest-scoring detection is a true positive) is 1 - 2.2e-16 in pycocotools and 1.0 in
 faster_coco_eval. The twelve numbers then differ by at most about 2e-16.
 """
-import contextlib
-import io
-
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval, Params
+
+from datasets.coco import coco_from_dict, quiet
 
 COCO_EVAL_BACKENDS = ("pycocotools", "faster_coco_eval")
 
@@ -30,23 +29,14 @@ class CocoEvalBackendError(ValueError):
     """An unknown backend, or one whose package is not installed."""
 
 
-def quiet(fn, *args, **kwargs):
-    """Call a function with its progress printing captured; returns (result, text)."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        result = fn(*args, **kwargs)
-    return result, buf.getvalue()
-
-
 def _load_batch_results(coco_class, gt, img_ids, results):
     """The detections `results` on the images `img_ids` of `gt`, as a `coco_class` (its loadRes).
 
     loadRes copies and indexes every image of the COCO it is called on; called on a view of the
     batch's images only, a batch costs its own size rather than the whole split's.
     """
-    view, _ = quiet(coco_class)
-    view.dataset = {"images": [gt.imgs[i] for i in img_ids], "categories": list(gt.cats.values())}
-    quiet(view.createIndex)
+    view = coco_from_dict({"images": [gt.imgs[i] for i in img_ids],
+                           "categories": list(gt.cats.values())}, coco_class)
     return quiet(view.loadRes, results)[0]
 
 
@@ -63,9 +53,7 @@ class PycocotoolsBackend:
 
     def load_results(self, gt, img_ids, results):
         if not results:  # pycocotools' loadRes refuses an empty list: a COCO without annotations
-            coco, _ = quiet(COCO)
-            coco.dataset = {"images": [], "annotations": [], "categories": []}
-            return coco
+            return coco_from_dict({"images": [], "annotations": [], "categories": []})
         return _load_batch_results(COCO, gt, img_ids, results)
 
     def accumulate(self, coco_eval):
@@ -95,11 +83,9 @@ class FasterCocoEvalBackend:
 
     def ground_truth(self, coco):
         """The images, annotations (the very dicts) and categories as faster_coco_eval's COCO."""
-        gt, _ = quiet(self._lib.COCO)
-        gt.dataset = {"images": list(coco.imgs.values()), "annotations": list(coco.anns.values()),
-                      "categories": list(coco.cats.values())}
-        quiet(gt.createIndex)
-        return gt
+        return coco_from_dict({"images": list(coco.imgs.values()),
+                               "annotations": list(coco.anns.values()),
+                               "categories": list(coco.cats.values())}, self._lib.COCO)
 
     def new_eval(self, gt, iou_type):
         # separate_eval keeps the per-image results (the default fuses evaluate and accumulate,

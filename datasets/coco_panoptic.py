@@ -10,19 +10,16 @@ A PNG pixel's colour (R, G, B) is the segment id R + 256 G + 256^2 B; id 0 is vo
 of an image's 'segments_info' becomes one target instance: its mask, its category id as label, its
 json box (xywh -> xyxy, clipped to the image), 'iscrowd' and 'area'.
 """
-import contextlib
-import io
 import json
 import os
 
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools import mask as coco_mask
-from pycocotools.coco import COCO
 
 from datasets import transforms as T
-from datasets.coco import SPLITS, CocoDetection, DatasetNotFoundError, find_images, load_coco_api
+from datasets.coco import (SPLITS, CocoDetection, DatasetNotFoundError, clipped_xyxy,
+                           coco_from_dict, find_images, load_coco_api, mask_to_rle)
 from util.panoptic import rgb_to_id
 
 PANOPTIC_LAYOUT_HELP = (
@@ -95,13 +92,9 @@ class CocoPanoptic(CocoDetection):
     def load_target(self, image_id, image_size):
         w, h = image_size
         segments = self.annotations[image_id]["segments_info"]
-        boxes = torch.tensor([s["bbox"] for s in segments], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        boxes[:, 0::2].clamp_(min=0, max=w)
-        boxes[:, 1::2].clamp_(min=0, max=h)
         size = torch.tensor([h, w], dtype=torch.int64)
         target = {
-            "boxes": boxes,
+            "boxes": clipped_xyxy([s["bbox"] for s in segments], w, h),
             "labels": torch.tensor([s["category_id"] for s in segments], dtype=torch.int64),
             "image_id": torch.tensor([image_id], dtype=torch.int64),
             "area": torch.tensor([s["area"] for s in segments], dtype=torch.float32),
@@ -135,18 +128,13 @@ class CocoPanoptic(CocoDetection):
                       if self.categories[s["category_id"]].get("isthing", 1)]
             ids = self.load_ids(image_id) if things else None
             for s in things:
-                rle = coco_mask.encode(np.asfortranarray((ids == s["id"]).astype(np.uint8)))
-                rle["counts"] = rle["counts"].decode("ascii")
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                     "category_id": s["category_id"], "bbox": s["bbox"],
                                     "area": s["area"], "iscrowd": s.get("iscrowd", 0),
-                                    "segmentation": rle})
-        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-            coco = COCO()
-            coco.dataset = {"images": [self.images[i] for i in self.ids], "annotations": annotations,
-                            "categories": [c for c in self.categories.values() if c.get("isthing", 1)]}
-            coco.createIndex()
-        return coco
+                                    "segmentation": mask_to_rle(ids == s["id"])})
+        return coco_from_dict({
+            "images": [self.images[i] for i in self.ids], "annotations": annotations,
+            "categories": [c for c in self.categories.values() if c.get("isthing", 1)]})
 
     def __repr__(self):
         return (f"{type(self).__name__}(split={self.split!r}, images={len(self)}, "

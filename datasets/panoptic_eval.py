@@ -110,9 +110,7 @@ def image_stats(gt_ids, gt_segments, pred_ids, pred_segments, categories):
 
 def pq_average(stats, categories, isthing=None):
     """Mean PQ, SQ, RQ over the categories (all, or only things / stuff) that occur; and per class."""
-    pq = sq = rq = 0.0
-    n = 0
-    per_class = {}
+    per_class, occurring = {}, []
     for category_id, category in categories.items():
         if isthing is not None and bool(category.get("isthing", 1)) != isthing:
             continue
@@ -120,17 +118,14 @@ def pq_average(stats, categories, isthing=None):
         if s.tp + s.fp + s.fn == 0:
             per_class[category_id] = {"pq": 0.0, "sq": 0.0, "rq": 0.0}
             continue
-        n += 1
         denominator = s.tp + 0.5 * s.fp + 0.5 * s.fn
         per_class[category_id] = {"pq": s.iou / denominator, "sq": s.iou / s.tp if s.tp else 0.0,
                                   "rq": s.tp / denominator}
-        pq += per_class[category_id]["pq"]
-        sq += per_class[category_id]["sq"]
-        rq += per_class[category_id]["rq"]
+        occurring.append(per_class[category_id])
+    n = len(occurring)
     # the panoptic API divides by n unguarded; an empty group scores 0 here
-    if n == 0:
-        return {"pq": 0.0, "sq": 0.0, "rq": 0.0, "n": 0}, per_class
-    return {"pq": pq / n, "sq": sq / n, "rq": rq / n, "n": n}, per_class
+    means = {k: sum(c[k] for c in occurring) / n if n else 0.0 for k in ("pq", "sq", "rq")}
+    return {**means, "n": n}, per_class
 
 
 class PanopticEvaluator:

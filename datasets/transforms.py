@@ -12,6 +12,8 @@ width and height, the form the DETR loss expects.
 Randomness comes from Python's `random` module, which PyTorch reseeds in every DataLoader worker.
 """
 import random
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +21,10 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from util.box_ops import box_xyxy_to_cxcywh
+from util.misc import IMAGENET_MEAN, IMAGENET_STD
 
 # Per-instance entries of a target: filtered together when boxes are removed.
 INSTANCE_FIELDS = ("boxes", "labels", "area", "iscrowd", "masks")
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # DETR's multi-scale training: short sides 480, 512, ..., 800.
 TRAIN_SCALES = tuple(range(480, 801, 32))
@@ -33,13 +33,6 @@ CROP_PRE_SCALES = (400, 500, 600)
 CROP_MIN_SIZE = 384
 CROP_MAX_SIZE = 600
 VAL_SCALE = 800
-
-
-def _keep_instances(target, keep):
-    """Index every per-instance field of `target` with the boolean mask `keep` (in place)."""
-    for field in INSTANCE_FIELDS:
-        if field in target:
-            target[field] = target[field][keep]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,7 +115,7 @@ def crop(image, target, region):
         target["boxes"] = boxes
         target["area"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        _keep_instances(target, keep)
+        target.update({k: target[k][keep] for k in INSTANCE_FIELDS if k in target})
     return image, target
 
 
@@ -175,44 +168,42 @@ class Compose:
         return f"{type(self).__name__}({inner}\n)"
 
 
+@dataclass
 class RandomHorizontalFlip:
-    def __init__(self, p=0.5):
-        self.p = p
+    p: float = 0.5
 
     def __call__(self, image, target):
         if random.random() < self.p:
             return hflip(image, target)
         return image, target
 
-    def __repr__(self):
-        return f"{type(self).__name__}(p={self.p})"
 
-
+@dataclass
 class RandomResize:
     """Resize to a short side drawn uniformly from `sizes`, long side capped by `max_size`."""
+    sizes: Sequence[int]
+    max_size: Optional[int] = None
 
-    def __init__(self, sizes, max_size=None):
-        if len(sizes) == 0:
+    def __post_init__(self):
+        if len(self.sizes) == 0:
             raise ValueError("RandomResize needs at least one size")
-        self.sizes = list(sizes)
-        self.max_size = max_size
+        self.sizes = list(self.sizes)
 
     def __call__(self, image, target):
         return resize(image, target, random.choice(self.sizes), self.max_size)
 
-    def __repr__(self):
-        return f"{type(self).__name__}(sizes={self.sizes}, max_size={self.max_size})"
 
-
+@dataclass
 class RandomSizeCrop:
     """Crop a random region: height uniform in [min_size, min(h, max_size)], width likewise,
     position uniform. A side shorter than `min_size` is taken whole."""
+    min_size: int
+    max_size: int
 
-    def __init__(self, min_size, max_size):
-        if min_size > max_size:
-            raise ValueError(f"RandomSizeCrop: min_size {min_size} is larger than max_size {max_size}")
-        self.min_size = min_size
-        self.max_size = max_size
+    def __post_init__(self):
+        if self.min_size > self.max_size:
+            raise ValueError(f"RandomSizeCrop: min_size {self.min_size} is larger than max_size "
+                             f"{self.max_size}")
 
     def get_region(self, width, height):
         crop_w = random.randint(min(self.min_size, width), min(width, self.max_size))
@@ -224,56 +215,45 @@ class RandomSizeCrop:
     def __call__(self, image, target):
         return crop(image, target, self.get_region(image.width, image.height))
 
-    def __repr__(self):
-        return f"{type(self).__name__}(min_size={self.min_size}, max_size={self.max_size})"
 
-
+@dataclass
 class RandomPad:
     """Pad right and bottom by amounts drawn uniformly from 0..max_pad."""
-
-    def __init__(self, max_pad):
-        self.max_pad = max_pad
+    max_pad: int
 
     def __call__(self, image, target):
         return pad(image, target, (random.randint(0, self.max_pad), random.randint(0, self.max_pad)))
 
-    def __repr__(self):
-        return f"{type(self).__name__}(max_pad={self.max_pad})"
 
-
+@dataclass
 class RandomSelect:
     """Apply `first` with probability p, otherwise `second`."""
-
-    def __init__(self, first, second, p=0.5):
-        self.first = first
-        self.second = second
-        self.p = p
+    first: Callable
+    second: Callable
+    p: float = 0.5
 
     def __call__(self, image, target):
         if random.random() < self.p:
             return self.first(image, target)
         return self.second(image, target)
 
-    def __repr__(self):
-        return f"{type(self).__name__}(p={self.p},\n  {self.first!r},\n  {self.second!r})"
 
-
+@dataclass
 class ToTensor:
     """PIL image -> float (C, H, W) tensor in [0, 1]; the target is unchanged."""
 
     def __call__(self, image, target):
         return TF.to_tensor(image), target
 
-    def __repr__(self):
-        return f"{type(self).__name__}()"
 
-
+@dataclass
 class Normalize:
     """Standardise a tensor image; boxes become (cx, cy, w, h) divided by the image (w, h)."""
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
 
-    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        self.mean = list(mean)
-        self.std = list(std)
+    def __post_init__(self):
+        self.mean, self.std = list(self.mean), list(self.std)
 
     def __call__(self, image, target):
         image = TF.normalize(image, mean=self.mean, std=self.std)
@@ -285,9 +265,6 @@ class Normalize:
             scale = torch.tensor([w, h, w, h], dtype=torch.float32)
             target["boxes"] = box_xyxy_to_cxcywh(target["boxes"]) / scale
         return image, target
-
-    def __repr__(self):
-        return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
 
 
 def normalize_transform():

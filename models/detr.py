@@ -183,32 +183,23 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
+            x = F.relu(layer(x)) if i < len(self.layers) - 1 else layer(x)
         return x
 
 
-def num_classes_for(args):
-    """DETR's convention: the largest category id + 1 of the dataset, unless --num_classes says."""
-    if getattr(args, "num_classes", None):
-        return args.num_classes
-    from datasets import num_classes_for as dataset_num_classes
-    return dataset_num_classes(args.dataset_file)
-
-
-def is_thing_map_for(args):
-    """{category id: is a thing} of a panoptic data set, None for the others."""
-    from datasets import is_thing_map_for as dataset_is_thing_map
-    return dataset_is_thing_map(args.dataset_file)
-
-
 def build(args):
+    """(model, criterion, postprocessors) from main.py's options. Two come from the data, and
+    main.py sets them: args.num_classes (the largest category id + 1) and, for panoptic data,
+    args.is_thing_map ({category id: True for things}; the panoptic post-processing)."""
+    num_classes = getattr(args, "num_classes", None)
+    if not num_classes:
+        raise ValueError("args.num_classes is not set: give --num_classes, the largest category "
+                         "id + 1 of the data (91 for COCO, 250 for COCO panoptic); main.py sets it "
+                         "from the data set")
     masks = getattr(args, "masks", False)
     device = torch.device(args.device)
     backbone = build_backbone(args)
     transformer = build_transformer(args)
-    num_classes = num_classes_for(args)
     model = DETR(backbone, transformer, num_classes=num_classes, num_queries=args.num_queries,
                  aux_loss=args.aux_loss)
     if masks:
@@ -227,7 +218,7 @@ def build(args):
     postprocessors = {"bbox": PostProcess()}
     if masks:
         postprocessors["segm"] = PostProcessSegm()
-        is_thing_map = is_thing_map_for(args)
+        is_thing_map = getattr(args, "is_thing_map", None)
         if is_thing_map is not None:
             postprocessors["panoptic"] = PostProcessPanoptic(is_thing_map, threshold=0.85)
     return model, criterion, postprocessors

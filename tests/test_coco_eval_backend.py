@@ -26,7 +26,7 @@ from pycocotools.cocoeval import COCOeval
 import datasets.coco_eval as coco_eval_module
 import main
 from datasets import toy
-from datasets.coco_eval import CocoEvaluator, predictions_to_coco_results
+from datasets.coco_eval import CocoEvaluator, predictions_to_coco
 from datasets.coco_eval_backends import CocoEvalBackendError, get_backend
 from tests.mini_coco import mini_coco_dataset, write_mini_coco
 from tests.test_datasets import synchronize_two_ranks
@@ -153,7 +153,7 @@ def test_batches_give_one_plain_cocoeval_run(toy_val):
     predictions = random_detections(toy_val, seed=7, crowded_image=2)
     gt = copy.deepcopy(toy_val)
     with contextlib.redirect_stdout(io.StringIO()):
-        plain = COCOeval(gt, gt.loadRes(predictions_to_coco_results(predictions)), iouType="bbox")
+        plain = COCOeval(gt, gt.loadRes(predictions_to_coco(predictions)), iouType="bbox")
         plain.evaluate()
         plain.accumulate()
         plain.summarize()

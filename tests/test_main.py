@@ -82,7 +82,7 @@ def test_train_and_evaluate_on_mini_coco_folders_then_zips(mini_coco, tmp_path):
 
 def _published_style_checkpoint(path, setting, with_args=True, only_model=False):
     """A checkpoint as the published training wrote it: pickled argparse.Namespace included."""
-    args = main.get_args_parser().parse_args(["--enc_rpe2d", setting, *TINY])
+    args = main.get_args_parser().parse_args(["--enc_rpe2d", setting, *TINY, "--num_classes", "91"])
     from models import build_model
     model, _, _ = build_model(args)
     if only_model:
@@ -133,7 +133,7 @@ def test_bare_state_dict_of_another_configuration_is_described(tmp_path):
     ckpt = tmp_path / "bare.pth"
     model = _published_style_checkpoint(ckpt, "rpe-1.9-product-ctx-1-k", only_model=True)
     torch.save(model.state_dict(), ckpt)
-    args = main.get_args_parser().parse_args(["--enc_rpe2d", "", *TINY])
+    args = main.get_args_parser().parse_args(["--enc_rpe2d", "", *TINY, "--num_classes", "91"])
     from models import build_model
     from util.checkpoint import check_compatible
     other, _, _ = build_model(args)

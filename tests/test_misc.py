@@ -5,6 +5,7 @@ import builtins
 import io
 import os
 import pickle
+import re
 import socket
 import subprocess
 import warnings
@@ -179,3 +180,89 @@ def test_two_processes_rank_and_save_on_master(tmp_path):
     assert torch.load(tmp_path / "shared.pth") == {"rank": 0}
     assert (tmp_path / "print0.txt").read_text() == "plain\nforced\n"
     assert (tmp_path / "print1.txt").read_text() == "forced\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress lines (MetricLogger.log_every)
+
+class _Console(io.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+COMPACT = (r"Epoch: \[3\] (\d)/5 \((\d+)%\)  eta \d+:\d\d:\d\d  loss (\d\.\d{4})  "
+           r"class_error 12\.50  lr 1\.00e-04  \d+\.\d\d it/s")
+
+
+def _epoch_through_main_logging(tmp_path, monkeypatch, tty):
+    """Five steps of a training-like loop (print_freq 2) under main.py's logging set-up; returns
+    (what the console showed, run.log)."""
+    import logging
+    import main
+    console = _Console(tty)
+    monkeypatch.setattr("sys.stdout", console)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    main.setup_logging(str(tmp_path))
+    try:
+        metric_logger = utils.MetricLogger(delimiter="  ")
+        metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+        metric_logger.add_meter("class_error", utils.SmoothedValue(window_size=1, fmt="{value:.2f}"))
+        for i in metric_logger.log_every(range(5), 2, "Epoch: [3]"):
+            metric_logger.update(loss=1.0 + i, loss_ce=0.5, class_error=12.5, lr=1e-4)
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:], root.level = saved
+    return console.getvalue(), (tmp_path / "run.log").read_text()
+
+
+def _full_lines(text):
+    return [line for line in text.splitlines() if "eta: " in line]
+
+
+def test_on_a_terminal_the_console_shows_compact_lines_and_run_log_the_full_ones(tmp_path,
+                                                                                 monkeypatch):
+    shown, run_log = _epoch_through_main_logging(tmp_path, monkeypatch, tty=True)
+    compact = [re.fullmatch(COMPACT, line) for line in shown.splitlines() if "it/s" in line]
+    assert all(compact) and len(compact) == 3, shown
+    # steps 1, 3 and 5 of 5; the loss shown is the median of the window (1, 1..3, 1..5)
+    assert [m.groups() for m in compact] == [("1", "20", "1.0000"), ("3", "60", "2.0000"),
+                                             ("5", "100", "3.0000")]
+    assert _full_lines(shown) == [] and "Total time" in shown
+    full = _full_lines(run_log)
+    assert len(full) == 3 and "it/s" not in run_log
+    for line, step, loss in zip(full, (0, 2, 4), ("1.0000 (1.0000)", "2.0000 (2.0000)",
+                                                  "3.0000 (3.0000)")):
+        assert f"Epoch: [3] [{step}/5]" in line and f"loss: {loss}" in line
+        assert "loss_ce: 0.5000 (0.5000)" in line and "class_error: 12.50" in line
+        assert "lr: 0.000100" in line and "time: " in line and "data: " in line
+
+
+def test_elsewhere_the_full_lines_go_to_the_console_too(tmp_path, monkeypatch):
+    shown, run_log = _epoch_through_main_logging(tmp_path, monkeypatch, tty=False)
+    assert "it/s" not in shown
+    assert len(_full_lines(run_log)) == 3 and _full_lines(shown) == _full_lines(run_log)
+
+
+def test_only_the_main_process_writes_the_compact_line(monkeypatch):
+    console = _Console(tty=True)
+    monkeypatch.setattr(utils, "get_rank", lambda: 1)
+    metric_logger = utils.MetricLogger(terminal=console)
+    for i in metric_logger.log_every(range(3), 1, "Test:"):
+        metric_logger.update(loss=1.0)
+    assert console.getvalue() == ""
+
+
+def test_compact_line_names_the_meters_it_has():
+    metric_logger = utils.MetricLogger()
+    metric_logger.update(loss=0.25)
+    line = metric_logger.compact_line("Test:", 40, 625, "0:02:10", 9.87)
+    expected = "Test: 40/625 (6%)  eta 0:02:10  loss 0.2500  9.87 it/s"
+    if torch.cuda.is_available():
+        expected += f"  mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GB"
+    assert line == expected

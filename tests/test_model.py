@@ -37,12 +37,19 @@ SMALL = ["--backbone", "resnet18", "--hidden_dim", "32", "--nheads", "4", "--dim
 @pytest.mark.parametrize("config", ["rpe-1.9-product-ctx-1-k", "rpe-2.0-product-ctx-1-k", "no-rpe"])
 def test_state_dict_matches_model_zoo_schema(config):
     schema = load_reference("state_dict_schema.json")[config]
-    model, _, _ = build_model(make_args("--enc_rpe2d", "" if config == "no-rpe" else config))
+    model, _, _ = build_model(make_args("--enc_rpe2d", "" if config == "no-rpe" else config,
+                                        "--num_classes", "91"))
     got = [[k, list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in model.state_dict().items()]
     assert got == schema
     # a file with exactly these keys and shapes loads strictly
     zoo_file = {k: torch.zeros(shape) for k, shape, _ in schema}
     model.load_state_dict(zoo_file, strict=True)
+
+
+def test_build_model_without_num_classes_says_how_to_give_it():
+    # the count comes from the data, which main.py reads; models/ does not know the data sets
+    with pytest.raises(ValueError, match="args.num_classes is not set: give --num_classes"):
+        build_model(make_args("--backbone", "resnet18"))
 
 
 def test_default_options_are_detrs():

@@ -141,7 +141,7 @@ def test_messages_for_bad_own_data(tmp_path, capsys, case, expected):
 def coco_checkpoint(tmp_path_factory):
     """A model-zoo style file of the tiny model: 91 classes, 6 queries, random weights."""
     torch.manual_seed(1)
-    args = tiny_args()
+    args = tiny_args("--num_classes", 91)
     model, _, _ = build_model(args)
     path = tmp_path_factory.mktemp("zoo") / "coco91.pth"
     torch.save({"model": model.state_dict(), "optimizer": {}, "lr_scheduler": {}, "epoch": 149,
@@ -197,12 +197,12 @@ def test_finetune_keeps_matching_queries_and_checks_the_architecture(coco_checkp
     assert len(loaded) == len(checkpoint["model"]) - 2
 
     # same tensor shapes, other iRPE settings (ratio 2.2 also has 9x9 buckets): refused
-    other = tiny_args("--enc_rpe2d", "rpe-2.2-product-ctx-1-k")
+    other = tiny_args("--enc_rpe2d", "rpe-2.2-product-ctx-1-k", "--num_classes", 91)
     with pytest.raises(CheckpointError, match="--enc_rpe2d 'rpe-2.0-product-ctx-1-k' \\(this run: "
                                               "'rpe-2.2-product-ctx-1-k'\\)"):
         load_for_finetuning(build_model(other)[0], checkpoint, other)
     # a file without args is judged by its tensors: another iRPE table size is named
-    other = tiny_args("--enc_rpe2d", "rpe-1.9-product-ctx-1-k")
+    other = tiny_args("--enc_rpe2d", "rpe-1.9-product-ctx-1-k", "--num_classes", 91)
     with pytest.raises(CheckpointError, match="--enc_rpe2d iRPE tables of 81 buckets.*this run: iRPE tables of 49 buckets"):
         load_for_finetuning(build_model(other)[0], {"model": checkpoint["model"]}, other)
 

@@ -31,7 +31,7 @@ RPE = ["--enc_rpe2d", "rpe-2.0-product-ctx-1-k"]
 def zoo_model(*extra, seed=0, biases=None):
     """The tiny model and its options; `biases` {class: value} raise some class logits, so that
     scores spread over a useful range although the weights are random."""
-    args = main.get_args_parser().parse_args([*TINY, *RPE, *map(str, extra)])
+    args = main.get_args_parser().parse_args([*TINY, *RPE, "--num_classes", "91", *map(str, extra)])
     torch.manual_seed(seed)
     model, _, _ = build_model(args)
     with torch.no_grad():

@@ -196,6 +196,7 @@ def test_eval_resume_scores_with_the_checkpoints_weights(tmp_path):
     # AP is 1; the same file with every tensor's entries shuffled, or a run that ignored the
     # loaded weights, scores near 0.
     import json
+    from datasets import num_classes_for
     from datasets.toy import generate_toy_coco
     from models import build_model
     root = tmp_path / "toy"
@@ -212,6 +213,7 @@ def test_eval_resume_scores_with_the_checkpoints_weights(tmp_path):
     argv = ["--dataset_file", "toy", "--toy_path", root, "--toy_num_train", "1", "--toy_num_val", "1",
             *TINY, "--enc_rpe2d", "rpe-2.0-product-ctx-1-k"]
     args = main.get_args_parser().parse_args([str(a) for a in argv])
+    args.num_classes = num_classes_for("toy")  # as main.py sets it from the data
     torch.manual_seed(0)
     model, _, _ = build_model(args)
     with torch.no_grad():

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import datasets
 import main
 from models import build_model
 from models.detr import SetCriterion
@@ -37,8 +38,10 @@ def make_args(*argv):
                                       ("rpe-2.0-product-ctx-1-k-panoptic", "rpe-2.0-product-ctx-1-k")])
 def test_masks_state_dict_matches_published_schema(name, rpe):
     reference = load_reference("state_dict_schema_masks.json")[name]
-    model, _, postprocessors = build_model(make_args("--masks", "--dataset_file", "coco_panoptic",
-                                                     "--enc_rpe2d", rpe))
+    args = make_args("--masks", "--dataset_file", "coco_panoptic", "--enc_rpe2d", rpe,
+                     "--num_classes", "250")
+    args.is_thing_map = datasets.is_thing_map_for("coco_panoptic")  # as main.py sets it
+    model, _, postprocessors = build_model(args)
     got = [[k, list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in model.state_dict().items()]
     assert got == reference["schema"]
     assert sorted(postprocessors) == sorted(reference["postprocessors"])

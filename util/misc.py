@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import subprocess
+import sys
 import time
 from collections import defaultdict, deque
 from typing import List, Optional, Tuple, Union
@@ -18,6 +19,11 @@ from torch import Tensor
 from util.checkpoint import save_atomic
 
 logger = logging.getLogger(__name__)
+
+# the normalisation of the images the model sees (datasets/transforms.py applies it, pictures of
+# the inputs undo it)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,11 +351,16 @@ class SmoothedValue:
 
 
 class MetricLogger:
-    """A dict of SmoothedValues with a progress iterator that logs lines with an ETA."""
+    """A dict of SmoothedValues with a progress iterator that logs lines with an ETA.
 
-    def __init__(self, delimiter="  "):
+    `terminal`: the stream that shows the compact progress line (default sys.stdout), used only
+    when it is a terminal; see log_every.
+    """
+
+    def __init__(self, delimiter="  ", terminal=None):
         self.meters = defaultdict(SmoothedValue)
         self.delimiter = delimiter
+        self.terminal = terminal
 
     def update(self, **kwargs):
         for name, value in kwargs.items():
@@ -373,8 +384,29 @@ class MetricLogger:
         for meter in self.meters.values():
             meter.synchronize_between_processes()
 
+    def compact_line(self, header, done, total, eta, iterations_per_second):
+        """`header done/total percent`, the ETA, the loss, class error and lr (the meters of those
+        names, where present), the speed and, on CUDA, the peak memory: one short line."""
+        parts = [f"{header} {done}/{total} ({100 * done // max(total, 1)}%)", f"eta {eta}"]
+        for name, fmt in (("loss", ".4f"), ("class_error", ".2f"), ("lr", ".2e")):
+            if name in self.meters:
+                parts.append(f"{name} {self.meters[name].median:{fmt}}")
+        parts.append(f"{iterations_per_second:.2f} it/s")
+        if torch.cuda.is_available():
+            parts.append(f"mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GB")
+        return self.delimiter.join(parts)
+
     def log_every(self, iterable, print_freq, header="", log=None):
-        """Yield from `iterable`, logging progress every `print_freq` steps and at the end."""
+        """Yield from `iterable`; every `print_freq` steps and at the end, log DETR's full line
+        (ETA, every meter, time and data time per step, peak CUDA memory).
+
+        When the console is a terminal (on the main process; `log` not given), it shows
+        compact_line instead, and the full lines are logged with extra={"file_only": True}, which
+        main.py's console handler leaves to run.log. Elsewhere (pipes, CI, Slurm logs) the full
+        lines go to the console as well.
+        """
+        terminal = self.terminal or sys.stdout
+        live = log is None and is_main_process() and terminal.isatty()
         log = log or logger.info
         total = len(iterable)
         width = len(str(total))
@@ -391,7 +423,13 @@ class MetricLogger:
                          f"time: {iter_time}", f"data: {data_time}"]
                 if torch.cuda.is_available():
                     parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
-                log(self.delimiter.join(parts))
+                if live:
+                    log(self.delimiter.join(parts), extra={"file_only": True})
+                    terminal.write(self.compact_line(header, i + 1, total, eta,
+                                                     1 / max(iter_time.avg, 1e-9)) + "\n")
+                    terminal.flush()
+                else:
+                    log(self.delimiter.join(parts))
             end = time.time()
         total_time = datetime.timedelta(seconds=int(time.time() - start))
         log(f"{header} Total time: {total_time} ({(time.time() - start) / max(total, 1):.4f} s / it)")

@@ -8,8 +8,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.ops import box_convert
 from torchvision.utils import draw_bounding_boxes, make_grid
 
-from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD
-from util.misc import nested_tensor_from_tensor_list
+from util.misc import IMAGENET_MEAN, IMAGENET_STD, nested_tensor_from_tensor_list
 
 # box colours by category id (cycled); bright, so they stand out on photos and on the toy shapes
 PALETTE = ("yellow", "magenta", "cyan", "orange", "lime", "white", "deepskyblue", "hotpink")
