@@ -1,110 +1,95 @@
-"""Side by side: the published iRPE-DETR code and this repository, same weights, same inputs.
+"""Side by side: the published iRPE-DETR code at its fastest, this repository, and plain DETR.
 
     python benchmarks/vs_published.py --published PATH/TO/Cream/iRPE/DETR-with-iRPE
 
-PATH is a checkout of the published code (its rpe_ops built in place with
-`cd rpe_ops && python setup.py build_ext --inplace`, else it runs its Python fallback; its
-requirements, e.g. easydict, installed). Nothing of it is copied here: each side runs in a
-process of its own that imports that side's `models`, `util` and `main` (the packages share
-names), builds its model with its own `main.get_args_parser()` and `models.build_model`, loads one
-common state dict (strict) and times the same inputs. Rounds alternate the two sides. Targets:
+PATH is a checkout of the published code with its requirements (easydict) installed. If its
+rpe_ops is built in place (`cd rpe_ops && python setup.py build_ext --inplace`), the published
+code is timed twice, with that extension and on its PyTorch path (the extension kept out of
+reach, see benchmarks/sides.py; which path ran is checked), and "ratio" is against the faster.
+Nothing of it is copied here: each side runs in a process of its own, builds its model with its
+own code, loads one common state dict (strict) and times the same inputs; rounds alternate the
+sides. Targets:
 
     attention   encoder self-attention layer (rpe-2.0-product-ctx-1-k, 256 wide, 8 heads,
                 dropout 0.1), train mode, forward + backward, COCO map size 25x38, batch 2
-    irpe_k      its iRPE-on-k module alone, forward + backward, (2, 8, 950, 32) -> 81 buckets
-    train_step  DETR-R50 + iRPE, batch 2 at 800x1199 / 800x1066, loss, backward, clipping, AdamW
-    inference   DETR-R50 + iRPE, eval mode, batch 1 at 800x1199, forward and PostProcess
+    irpe_k      the iRPE-on-k module alone, forward + backward, (2, 8, 950, 32) -> 81 buckets
+    train_step  DETR-R50, --train-batch images at 800x1199 / 800x1066 (alternating), loss,
+                backward, clipping, AdamW as each side's main.py builds it
+    inference   DETR-R50, eval mode, --infer-batch images (the same sizes), forward, PostProcess
 
-Each side also runs its target once with every dropout off and saves outputs and gradients;
-the table's last columns are their largest difference relative to each tensor's scale, and the
-tensor where it is. Each side runs as its own training would: this repository's main.py keeps
-freed memory for reuse (util/cpu_allocator.py), so our side runs with that, and with
---published-allocator the published side does too.
+--plain adds plain DETR (this repository with --enc_rpe2d ''; for `attention`, its layer without
+iRPE). --amp adds bfloat16 rows for every side: the harness runs the forward under autocast and
+casts the outputs to float32 (util/amp.py, which is what our main.py's --amp does). No side gets
+a process-wide setting another lacks: this repository's malloc setting (util/cpu_allocator.py,
+which its main.py makes) goes to none, or with --keep-freed-memory to every side.
+
+Each side also runs its target once in float32 with every dropout off and saves outputs and
+gradients; "max rel diff" is the largest difference between ours and the published sides
+relative to each tensor's scale, "where" names the tensor. On CUDA, the peak memory of a row is
+torch.cuda.max_memory_allocated() over its runs. The goals under the table are the device's.
 """
 import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import sides
+
 TARGETS = ("attention", "irpe_k", "train_step", "inference")
-GOALS = {"attention": 2.5, "irpe_k": 8.0, "train_step": 1.3, "inference": 1.5}
-RPE = "rpe-2.0-product-ctx-1-k"
 MAP_HW = (25, 38)
-IMAGE_SIZES = {"train_step": [(800, 1199), (800, 1066)], "inference": [(800, 1199)]}
+IMAGE_SIZES = [(800, 1199), (800, 1066)]  # the COCO validation sizes of 640x427 and 640x480
+# ratio goals (fastest published / ours), the float32 rows of the target
+RATIO_GOALS = {"cpu": {"attention": 3.0, "irpe_k": 6.0, "train_step": 2.0, "inference": 2.0},
+               "cuda": {"train_step": 1.6, "inference": 1.5}}
+IRPE_OVERHEAD_GOAL, AMP_GOAL, MEMORY_GOAL = 1.10, 1.3, 1.1  # the GPU's, training step
+PUBLISHED = ("published", "published_py")
 
 
 # ------------------------------------------------------------------------------------------
-# worker: one side, one target, in its own process
-
-def import_side(side, published):
-    root = published if side == "published" else REPO
-    sys.path.insert(0, root)
-    if side == "published":
-        sys.path.insert(1, os.path.join(root, "rpe_ops"))  # its extension module rpe_index_cpp
-    import torch  # noqa: F401
-
-
-def side_args(side, device):
-    import main
-    common = ["--enc_rpe2d", RPE, "--device", device, "--coco_path", "unused",
-              "--num_classes", "91"]
-    if side == "ours":
-        common += ["--backbone_weights", "none"]
-    return main.get_args_parser().parse_args(common)
-
-
-def no_dropout(module):
-    import torch
-    for m in module.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        elif isinstance(getattr(m, "dropout", None), float):
-            m.dropout = 0.0
-
+# worker: one side, one target, all its variants (batch size, dtype), in its own process
 
 def attention_layer(side, device):
     from models.rpe_attention import RPEMultiheadAttention, irpe
-    if side == "published":
-        config = irpe.get_rpe_config(ratio=2.0, method=irpe.METHOD.PRODUCT, mode="ctx",
-                                     shared_head=True, skip=0, rpe_on="k")
-    else:
-        config = irpe.get_rpe_config(ratio=2.0, method="product", mode="ctx", shared_head=True,
+    config = None
+    if side != "plain":
+        method = irpe.METHOD.PRODUCT if sides.code(side) == "published" else "product"
+        config = irpe.get_rpe_config(ratio=2.0, method=method, mode="ctx", shared_head=True,
                                      skip=0, rpe_on="k")
     return RPEMultiheadAttention(256, 8, dropout=0.1, rpe_config=config).to(device)
 
 
 def call_attention(side, layer, src, pad):
     # as each side's encoder layer calls it (the published one asks for the weights)
-    kwargs = {} if side == "published" else {"need_weights": False}
+    kwargs = {"need_weights": False} if sides.code(side) == "ours" else {}
     return layer(src, src, value=src, key_padding_mask=pad, hw=MAP_HW, **kwargs)[0]
 
 
 def build_target(side, target, data, device, amp):
-    """Returns (step(), check()): step runs the timed work once, check the dropout-free run."""
+    """(step(batch, dtype), check(batch)): step runs the timed work once (dtype: None or the
+    autocast dtype), check the float32 run with every dropout off, returning named tensors."""
     import torch
     if target in ("attention", "irpe_k"):
         layer = attention_layer(side, device)
-        layer.load_state_dict(data["attention_state"])
+        layer.load_state_dict({k: v for k, v in data["attention_state"].items()
+                               if k in layer.state_dict()})
         if target == "attention":
             src = data["src"].to(device).requires_grad_()
-            pad = data["pad"].to(device)
+            pad, grad = data["pad"].to(device), data["grad_src"].to(device)
 
-            def step():
-                with torch.autocast(device, torch.bfloat16, enabled=amp):
+            def step(batch, dtype):
+                with torch.autocast(device, dtype, enabled=dtype is not None):
                     out = call_attention(side, layer, src, pad)
-                out.float().backward(data["grad_src"].to(device))
+                out.float().backward(grad)
 
-            def check():
+            def check(batch):
                 layer.eval()
                 layer.zero_grad()
                 src.grad = None
                 out = call_attention(side, layer, src, pad)
-                out.backward(data["grad_src"].to(device))
+                out.backward(grad)
                 return {"out": out, "grad_src": src.grad,
                         **{f"grad.{n}": p.grad for n, p in layer.named_parameters()}}
             layer.train()
@@ -113,10 +98,10 @@ def build_target(side, target, data, device, amp):
         x = data["q"].to(device).requires_grad_()
         grad = data["grad_rpe"].to(device)
 
-        def step():
+        def step(batch, dtype):
             module(x, *MAP_HW).backward(grad)
 
-        def check():
+        def check(batch):
             x.grad = None
             module.zero_grad()
             out = module(x, *MAP_HW)
@@ -125,120 +110,123 @@ def build_target(side, target, data, device, amp):
                     **{f"grad.{n}": p.grad for n, p in module.named_parameters()}}
         return step, check
 
-    from models import build_model
     import util.misc as utils
-    args = side_args(side, device)
-    model, criterion, postprocessors = build_model(args)
-    model.load_state_dict(data["model_state"], strict=True)
-    model.to(device)
-    images = [im.to(device) for im in data[f"images_{target}"]]
-    targets = [{k: v.to(device) for k, v in t.items()} for t in data["targets"][:len(images)]]
+    model, criterion, postprocessors, args = sides.build(side, device, data["model_state"])
+    images = [im.to(device) for im in data["images"]]
+    targets = [{k: v.to(device) for k, v in t.items()} for t in data["targets"]]
     sizes = torch.tensor([im.shape[-2:] for im in images], device=device)
 
-    def forward():
-        # as main.py's --amp: the model under autocast, its outputs back in float32 for the
-        # matcher (scipy takes no bfloat16), the losses and the post-processing
-        if not amp:
-            return model(utils.nested_tensor_from_tensor_list(images))
-        from util.amp import to_float32  # our side only: --amp does not time the published one
-        with torch.autocast(device, torch.bfloat16):
-            return to_float32(model(utils.nested_tensor_from_tensor_list(images)))
+    def forward(batch, dtype):
+        return amp.forward(model, utils.nested_tensor_from_tensor_list(images[:batch]), device,
+                           dtype)
     if target == "inference":
         model.eval()
 
-        def step():
+        def step(batch, dtype):
             with torch.no_grad():
-                postprocessors["bbox"](forward(), sizes)
+                postprocessors["bbox"](forward(batch, dtype), sizes[:batch])
 
-        def check():
+        def check(batch):
             with torch.no_grad():
-                out = model(utils.nested_tensor_from_tensor_list(images))
+                out = forward(batch, None)
             return {"pred_logits": out["pred_logits"], "pred_boxes": out["pred_boxes"]}
         return step, check
 
-    groups = [{"params": [p for n, p in model.named_parameters()
-                          if "backbone" not in n and p.requires_grad]},
-              {"params": [p for n, p in model.named_parameters()
-                          if "backbone" in n and p.requires_grad], "lr": args.lr_backbone}]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
-    weights = criterion.weight_dict
+    optimizer = sides.optimizer(side, model, args, device)
     model.train()
     criterion.train()
 
-    def loss():
-        outputs = forward()
-        losses = criterion(outputs, targets)
+    def loss(batch, dtype):
+        outputs = forward(batch, dtype)
+        losses = criterion(outputs, targets[:batch])
+        weights = criterion.weight_dict
         return sum(losses[k] * weights[k] for k in losses if k in weights), losses, outputs
 
-    def step():
-        total, _, _ = loss()
+    def step(batch, dtype):
+        total, _, _ = loss(batch, dtype)
         optimizer.zero_grad()
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_max_norm)
         optimizer.step()
 
-    def check():
-        model.load_state_dict(data["model_state"], strict=True)
-        no_dropout(model)
+    def check(batch):
+        model.load_state_dict(sides.state_for(side, data["model_state"]), strict=True)
+        sides.no_dropout(model)
         optimizer.zero_grad()
-        total, losses, outputs = loss()
+        total, losses, outputs = loss(batch, None)
         total.backward()
         named = dict(model.named_parameters())
-        probe = [n for n in data["probe_params"] if named[n].grad is not None]
+        probe = [n for n in data["probe_params"] if n in named and named[n].grad is not None]
         return {"pred_logits": outputs["pred_logits"], "pred_boxes": outputs["pred_boxes"],
                 "loss": total.detach(), **{f"loss.{k}": v.detach() for k, v in losses.items()
-                                           if k in weights},
+                                           if k in criterion.weight_dict},
                 **{f"grad.{n}": named[n].grad for n in probe}}
     return step, check
 
 
 def worker(opts):
-    if opts.side == "ours" or opts.published_allocator:
-        sys.path.insert(0, REPO)
-        from util.cpu_allocator import keep_freed_memory
-        keep_freed_memory()
-        sys.path.remove(REPO)
+    if opts.keep_freed_memory:
+        sides.keep_freed_memory()
     import torch
     torch.set_num_threads(opts.threads)
-    import_side(opts.side, opts.published)
+    sides.enter(opts.side, opts.published)
+    result = {"irpe_path": sides.irpe_path(opts.side), "variants": {}}
+    if opts.side == "published" and result["irpe_path"] != "extension":
+        print("RESULT " + json.dumps(result), flush=True)  # its extension is not built
+        return
     data = torch.load(os.path.join(opts.tmp, "data.pt"), weights_only=False)
     device = opts.device
-    step, check = build_target(opts.side, opts.target, data, device, opts.amp)
+    step, check = build_target(opts.side, opts.target, data, device,
+                               sides.repo_module("util/amp.py"))
 
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
-    times = []
-    for i in range(opts.warmup + opts.repeats):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        if i >= opts.warmup:
-            times.append(time.perf_counter() - start)
-    result = {"times": times}
+    variants = opts.variants.split(",")
+    for variant in variants:
+        batch, dtype = variant.split("/")
+        batch, dtype = int(batch), {"fp32": None, "bf16": torch.bfloat16}[dtype]
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        try:
+            for i in range(opts.warmup + opts.repeats):
+                sync()
+                start = time.perf_counter()
+                step(batch, dtype)
+                sync()
+                if i >= opts.warmup:
+                    times.append(time.perf_counter() - start)
+        except (RuntimeError, NotImplementedError) as error:  # e.g. a dtype its kernels lack
+            result["variants"][variant] = {"error": str(error).splitlines()[0]}
+            continue
+        result["variants"][variant] = {"times": times}
+        if device == "cuda":
+            result["variants"][variant]["peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     if opts.check:
         # full float32 arithmetic on GPUs (TF32 rounding would hide real differences)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         torch.manual_seed(0)
-        outputs = {k: v.detach().float().cpu() for k, v in check().items() if v is not None}
+        outputs = check(int(variants[0].split("/")[0]))
+        outputs = {k: v.detach().float().cpu() for k, v in outputs.items() if v is not None}
         torch.save(outputs, os.path.join(opts.tmp, f"check_{opts.side}_{opts.target}.pt"))
-    if device == "cuda":
-        result["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
     print("RESULT " + json.dumps(result), flush=True)
 
 
 # ------------------------------------------------------------------------------------------
 # driver
 
-def make_data(tmp):
-    """One set of weights and inputs for both sides, from this repository's model builder."""
+def make_data(tmp, n_images):
+    """One set of weights and inputs for every side, from this repository's model builder."""
     import torch
-    import torchvision
-    sys.path.insert(0, REPO)
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     torch.manual_seed(0)
-    from models import build_model
+    images = [(torch.rand(3, h, w) - mean) / std
+              for h, w in [IMAGE_SIZES[i % len(IMAGE_SIZES)] for i in range(n_images)]]
+    state = sides.common_state(tmp, images[:2])
+    torch.manual_seed(0)
     layer = attention_layer("ours", "cpu")
     with torch.no_grad():
         for p in layer.rpe_k.parameters():
@@ -249,64 +237,146 @@ def make_data(tmp):
     data = {"attention_state": layer.state_dict(), "src": torch.randn(length, 2, 256),
             "pad": pad.flatten(1), "grad_src": torch.randn(length, 2, 256),
             "q": torch.randn(2, 8, length, 32) * 32 ** -0.5,
-            "grad_rpe": torch.randn(2, 8, length, length)}
-    model = build_model(side_args("ours", "cpu"))[0]
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lookup_table" in name:
-                p.normal_(0, 0.05)
-    data["model_state"] = model.state_dict()
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    data["probe_params"] = [n for n in trainable if "lookup_table" in n or "layer4.2.conv3" in n
+            "grad_rpe": torch.randn(2, 8, length, length), "model_state": state,
+            "images": images,
+            "targets": [{"labels": torch.randint(1, 91, (n,)),
+                         "boxes": torch.cat([torch.rand(n, 2) * 0.6 + 0.2,
+                                             torch.rand(n, 2) * 0.3 + 0.05], 1)}
+                        for n in [(7, 4)[i % 2] for i in range(n_images)]]}
+    data["probe_params"] = [n for n in state if "lookup_table" in n or "layer4.2.conv3" in n
                             or "class_embed" in n or "bbox_embed.layers.2" in n
                             or "encoder.layers.0.self_attn.in_proj_weight" in n]
-    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-    for target, sizes in IMAGE_SIZES.items():
-        data[f"images_{target}"] = [(torch.rand(3, h, w) - mean) / std for h, w in sizes]
-    data["targets"] = [{"labels": torch.randint(1, 91, (n,)),
-                        "boxes": torch.cat([torch.rand(n, 2) * 0.6 + 0.2,
-                                            torch.rand(n, 2) * 0.3 + 0.05], 1)}
-                       for n in (7, 4)]
     torch.save(data, os.path.join(tmp, "data.pt"))
-    # the published backbone asks torchvision for ImageNet weights, offline here: a cached file
-    # of the right name (its values are replaced by the common state dict anyway)
-    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
-    hub = os.path.join(tmp, "torch_home", "hub", "checkpoints")
-    os.makedirs(hub, exist_ok=True)
-    torch.save(torchvision.models.resnet50().state_dict(), os.path.join(hub, os.path.basename(url)))
-
-
-def run_worker(opts, side, target, check, amp=False):
-    env = dict(os.environ, TORCH_HOME=os.path.join(opts.tmp, "torch_home"),
-               OMP_NUM_THREADS=str(opts.threads), PYTHONWARNINGS="ignore")
-    repeats = opts.repeats or (3 if target in ("train_step", "inference") else 10)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--side", side,
-           "--target", target, "--tmp", opts.tmp, "--published", opts.published,
-           "--device", opts.device, "--threads", str(opts.threads),
-           "--repeats", str(repeats), "--warmup", str(opts.warmup)]
-    cmd += ["--check"] if check else []
-    cmd += ["--amp"] if amp else []
-    cmd += ["--published-allocator"] if opts.published_allocator else []
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=opts.tmp)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    sys.exit(f"the {side} side of {target} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
 
 
 def max_relative_difference(tmp, target):
+    """(largest difference, tensor, {tensor: difference}) of ours against the published sides
+    that ran, relative to each tensor's largest value."""
     import torch
     ours = torch.load(os.path.join(tmp, f"check_ours_{target}.pt"))
-    published = torch.load(os.path.join(tmp, f"check_published_{target}.pt"))
-    if set(ours) != set(published):
-        return float("nan"), "different outputs", {}
     differences = {}
-    for key, a in ours.items():
-        b = published[key]
-        differences[key] = (a - b).abs().max().item() / (b.abs().max().item() or 1.0)
+    for side in PUBLISHED:
+        path = os.path.join(tmp, f"check_{side}_{target}.pt")
+        if not os.path.exists(path):
+            continue
+        published = torch.load(path)
+        if set(ours) != set(published):
+            return float("nan"), f"different outputs from {side}", {}
+        for key, a in ours.items():
+            b = published[key]
+            d = (a - b).abs().max().item() / (b.abs().max().item() or 1.0)
+            differences[key] = max(d, differences.get(key, 0.0))
     where = max(differences, key=differences.get)
     return differences[where], where, differences
+
+
+def measure(opts, target, variants, side_names):
+    """{side: {variant: {"ms": median, "peak_gib": ...}}} over opts.rounds alternations; drops
+    'published' from side_names when its extension is not built."""
+    runs = {}
+    for r in range(opts.rounds):
+        for side in list(side_names):
+            if target == "irpe_k" and side == "plain":
+                continue
+            repeats = opts.repeats or (3 if target in ("train_step", "inference") else 10)
+            argv = ["--target", target, "--variants", ",".join(variants), "--published",
+                    opts.published, "--device", opts.device, "--repeats", str(repeats),
+                    "--warmup", str(opts.warmup)] + ["--check"] * (r == 0 and side != "plain")
+            argv += ["--keep-freed-memory"] * opts.keep_freed_memory
+            result = sides.spawn(__file__, side, opts.tmp, opts.threads, argv,
+                                 opts.keep_freed_memory)
+            if side == "published" and result["irpe_path"] != "extension":
+                side_names.remove(side)
+                print("the published rpe_ops extension is not built: its column stays empty")
+                continue
+            if side == "published_py" and result["irpe_path"] != "pytorch":
+                sys.exit("the published code found its extension although it was off sys.path")
+            for variant, v in result["variants"].items():
+                entry = runs.setdefault(side, {}).setdefault(variant, {"times": []})
+                entry["times"] += v.get("times", [])
+                entry["peak_gib"] = max(entry.get("peak_gib", 0.0), v.get("peak_gib", 0.0))
+                if "error" in v:
+                    entry["error"] = v["error"]
+    return {side: {variant: {"ms": 1000 * statistics.median(v["times"]) if v["times"] else None,
+                             "peak_gib": v["peak_gib"] or None, "error": v.get("error")}
+                   for variant, v in per_side.items()}
+            for side, per_side in runs.items()}
+
+
+def target_rows(opts, target, variants, measured):
+    check_variant = variants[0]
+    diff = max_relative_difference(opts.tmp, target)
+    rows = []
+    for variant in variants:
+        ms = {side: m[variant]["ms"] for side, m in measured.items() if m[variant]["ms"]}
+        peak = {side: m[variant]["peak_gib"] for side, m in measured.items()}
+        errors = {side: m[variant]["error"] for side, m in measured.items()
+                  if m[variant]["error"]}
+        fastest = min((s for s in PUBLISHED if s in ms), key=ms.get)
+        batch, dtype = variant.split("/")
+        row = {"target": target, "batch": int(batch), "dtype": dtype, "ms": ms, "peak_gib": peak,
+               "fastest": fastest, "ratio": ms[fastest] / ms["ours"], "errors": errors,
+               "goal": RATIO_GOALS[opts.device].get(target) if dtype == "fp32" else None,
+               "ours_vs_plain": ms["ours"] / ms["plain"] if "plain" in ms else None}
+        if variant == check_variant:
+            row.update(zip(("max_rel_diff", "where", "differences"), diff))
+        rows.append(row)
+    return rows
+
+
+def print_table(rows, opts):
+    plain = any("plain" in r["ms"] for r in rows)
+    ms = {"plain": "plain ms", "published": "published ext ms", "published_py": "published py ms"}
+    # (title, alignment and width, format, the row's value or None)
+    columns = [("target", "<10", "{}", lambda r: r["target"]),
+               ("batch", ">5", "{}", lambda r: r["batch"]),
+               ("dtype", ">5", "{}", lambda r: r["dtype"])]
+    columns += [(title, f">{len(title)}", "{:.1f}", lambda r, s=s: r["ms"].get(s))
+                for s, title in ms.items() if plain or s != "plain"]
+    columns += [("fastest ms", ">10", "{:.1f}", lambda r: r["ms"][r["fastest"]]),
+                ("ours ms", ">8", "{:.1f}", lambda r: r["ms"]["ours"]),
+                ("ratio", ">6", "{:.2f}x", lambda r: r["ratio"]),
+                ("goal", ">5", "{:.1f}x", lambda r: r["goal"])]
+    if plain:
+        columns += [("ours/plain", ">10", "{:.2f}x", lambda r: r["ours_vs_plain"])]
+    if opts.device == "cuda":  # peak memory; "pub": the fastest published side's
+        columns += [("plain GiB", ">9", "{:.2f}", lambda r: r["peak_gib"].get("plain"))] * plain
+        columns += [("pub GiB", ">7", "{:.2f}", lambda r: r["peak_gib"][r["fastest"]]),
+                    ("ours GiB", ">8", "{:.2f}", lambda r: r["peak_gib"]["ours"])]
+    columns += [("max rel diff", ">12", "{:.1e}", lambda r: r.get("max_rel_diff")),
+                ("where", "", "{}", lambda r: r.get("where", ""))]
+
+    def cell(value, align, number):
+        return format("-" if value is None else number.format(value), align)
+    print(" ".join(format(title, align) for title, align, _, _ in columns).rstrip())
+    for row in rows:
+        print(" ".join(cell(get(row), align, number) for _, align, number, get in columns).rstrip())
+    print()
+
+
+def print_goals(rows, device):
+    def verdict(value, goal, at_least=True):
+        met = value >= goal if at_least else value <= goal
+        return (f"{value:.2f}x (goal {'>=' if at_least else '<='} {goal}x): "
+                f"{'met' if met else 'MISSED'}")
+    print(f"goals ({device}):")
+    for r in rows:
+        name = f"{r['target']} batch {r['batch']} {r['dtype']}"
+        if r["goal"]:
+            print(f"  {name}: ours vs fastest published {verdict(r['ratio'], r['goal'])}")
+        if r["target"] != "train_step" or r["ours_vs_plain"] is None:
+            continue
+        print(f"  {name}: iRPE overhead, ours / plain "
+              f"{verdict(r['ours_vs_plain'], IRPE_OVERHEAD_GOAL, False)}")
+        if r["peak_gib"].get("plain"):
+            print(f"  {name}: peak memory, ours / plain "
+                  f"{verdict(r['peak_gib']['ours'] / r['peak_gib']['plain'], MEMORY_GOAL, False)}")
+    for r in rows:
+        fp32 = [f for f in rows if f["target"] == "train_step" and f["batch"] == r["batch"]
+                and f["dtype"] == "fp32"]
+        if r["target"] == "train_step" and r["dtype"] == "bf16" and fp32:
+            print(f"  train_step batch {r['batch']}: --amp, ours fp32 / ours bf16 "
+                  f"{verdict(fp32[0]['ms']['ours'] / r['ms']['ours'], AMP_GOAL)}")
 
 
 def main(argv=None):
@@ -316,73 +386,62 @@ def main(argv=None):
     parser.add_argument("--targets", default=",".join(TARGETS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of the two sides")
+    parser.add_argument("--train-batch", default="2", help="batch sizes of train_step, e.g. 2,4")
+    parser.add_argument("--infer-batch", default="1", help="batch sizes of inference, e.g. 1,8")
+    parser.add_argument("--plain", action="store_true", help="also time plain DETR")
+    parser.add_argument("--amp", action="store_true", help="also time bf16 autocast, every side")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="every side with this repository's malloc setting")
+    parser.add_argument("--rounds", type=int, default=2, help="alternations of the sides")
     parser.add_argument("--repeats", type=int, default=0, help="timed runs per round (0: auto)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--amp", action="store_true",
-                        help="also time our side under bf16 autocast (its own column)")
-    parser.add_argument("--published-allocator", action="store_true",
-                        help="give the published side our malloc settings too")
-    parser.add_argument("--json", help="also write the table as JSON to this file")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--side", help=argparse.SUPPRESS)
-    parser.add_argument("--target", help=argparse.SUPPRESS)
-    parser.add_argument("--tmp", help=argparse.SUPPRESS)
-    parser.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, default=0,
+                        help="seconds after which no further target starts (0: none)")
+    parser.add_argument("--json", help="also write the rows as JSON to this file")
+    for hidden in ("--side", "--tmp", "--target", "--variants"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    for hidden in ("--worker", "--check"):
+        parser.add_argument(hidden, action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     if opts.worker:
         return worker(opts)
-    opts.published = os.path.abspath(opts.published)
-    if not os.path.isfile(os.path.join(opts.published, "models", "rpe_attention", "irpe.py")):
-        sys.exit(f"--published {opts.published} is not the published DETR-with-iRPE folder "
-                 "(it has no models/rpe_attention/irpe.py)")
+    opts.published = sides.check_published(opts.published)
     targets = [t for t in opts.targets.split(",") if t]
     unknown = set(targets) - set(TARGETS)
     if unknown:
         sys.exit(f"unknown targets {sorted(unknown)}; choose from {', '.join(TARGETS)}")
-    rows = []
+    batches = {"train_step": [int(b) for b in opts.train_batch.split(",")],
+               "inference": [int(b) for b in opts.infer_batch.split(",")]}
+    side_names = ["plain"] * opts.plain + list(PUBLISHED) + ["ours"]
+    rows, start = [], time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         opts.tmp = tmp
-        make_data(tmp)
+        make_data(tmp, max(max(b) for b in batches.values()))
         for target in targets:
-            times = {"published": [], "ours": [], "ours_amp": []}
-            for r in range(opts.rounds):
-                for side in ("published", "ours"):
-                    times[side] += run_worker(opts, side, target, check=r == 0)["times"]
-                if opts.amp and target != "irpe_k":
-                    times["ours_amp"] += run_worker(opts, "ours", target, False, amp=True)["times"]
-            row = {"target": target,
-                   "published_ms": 1000 * statistics.median(times["published"]),
-                   "ours_ms": 1000 * statistics.median(times["ours"]),
-                   **dict(zip(("max_rel_diff", "where", "differences"),
-                              max_relative_difference(tmp, target)))}
-            row["ratio"] = row["published_ms"] / row["ours_ms"]
-            if times["ours_amp"]:
-                row["ours_amp_ms"] = 1000 * statistics.median(times["ours_amp"])
-                row["ratio_amp"] = row["published_ms"] / row["ours_amp_ms"]
-            rows.append(row)
-            print_row(row, header=len(rows) == 1, amp=opts.amp)
+            if opts.deadline and time.monotonic() - start > opts.deadline:
+                print(f"{target}: not run (--deadline {opts.deadline:g} s passed)")
+                continue
+            dtypes = ["fp32"] + ["bf16"] * (opts.amp and target != "irpe_k")
+            variants = [f"{b}/{d}" for b in batches.get(target, [2]) for d in dtypes]
+            rows += target_rows(opts, target, variants,
+                                measure(opts, target, variants, side_names))
+            print(f"{target}: done after {time.monotonic() - start:.0f} s", flush=True)
+    import torch
+    print(f"\n{opts.device}, {opts.threads} threads, torch {torch.__version__}, "
+          f"{opts.rounds} rounds; malloc setting of util/cpu_allocator.py: "
+          f"{'every side' if opts.keep_freed_memory else 'no side'}; milliseconds are medians")
+    print_table(rows, opts)
+    print_goals(rows, opts.device)
     for row in rows:
-        if row["max_rel_diff"] > 1e-5:
+        for side, error in row["errors"].items():
+            print(f"{row['target']} batch {row['batch']} {row['dtype']}: {side} failed: {error}")
+        if row.get("max_rel_diff", 0) > 1e-5:
             print(f"{row['target']}: relative differences above 1e-5: " + ", ".join(
                 f"{k} {v:.1e}" for k, v in sorted(row["differences"].items(), key=lambda kv: -kv[1])
                 if v > 1e-5))
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump({"device": opts.device, "threads": opts.threads, "rows": rows}, f, indent=1)
-
-
-def print_row(row, header, amp):
-    if header:
-        cols = f"{'target':<11} {'published ms':>13} {'ours ms':>10} {'ratio':>7} {'goal':>6}"
-        cols += f" {'ours amp ms':>12} {'ratio':>7}" if amp else ""
-        print(cols + f" {'max rel diff':>13}  where")
-    line = (f"{row['target']:<11} {row['published_ms']:>13.1f} {row['ours_ms']:>10.1f} "
-            f"{row['ratio']:>6.2f}x {GOALS[row['target']]:>5.1f}x")
-    if amp:
-        line += (f" {row['ours_amp_ms']:>12.1f} {row['ratio_amp']:>6.2f}x" if "ours_amp_ms" in row
-                 else f" {'-':>12} {'-':>7}")
-    print(line + f" {row['max_rel_diff']:>13.1e}  {row['where']}", flush=True)
 
 
 if __name__ == "__main__":
