@@ -127,16 +127,15 @@ def test_compiled_kernel_equals_the_plain_path_and_compiles_once_per_length_step
 # ----------------------------------------------------------------------------------------------
 # The rule
 
-def test_the_flex_path_is_not_taken_on_the_cpu_in_eval_or_with_dropout():
-    layer = make_layer("product", "ctx", "k").train()
-    q = torch.zeros(2, 4, 30, 8)
-    assert not flex_attention.flex_applies(layer, q, False, None, None)  # a CPU tensor
-    assert flex_attention.USE_FLEX["ctx"] and flex_attention.USE_FLEX["bias"]
-    assert not flex_attention.USE_FLEX[None]
+def test_the_flex_path_is_not_taken_on_the_cpu(monkeypatch):
+    monkeypatch.setattr(flex_attention, "USE_FLEX", {"ctx": True, "bias": True, None: True})
+    layer = make_layer("product", "ctx", "k", width=64).train()
+    assert not flex_attention.flex_applies(layer, torch.zeros(2, 4, 30, 16), False, None, None)
 
 
 @CUDA
-def test_rule_on_cuda():
+def test_rule_on_cuda(monkeypatch):
+    monkeypatch.setattr(flex_attention, "USE_FLEX", {"ctx": True, "bias": True, None: False})
     def applies(method="product", mode="ctx", rpe_on="k", dropout=0.0, train=True, width=64,
                 need_weights=False, attn_mask=None, key_padding_mask=None,
                 dtype=torch.float32):
@@ -154,6 +153,8 @@ def test_rule_on_cuda():
     assert not applies(attn_mask=torch.zeros(30, 30, device="cuda"))
     assert not applies(key_padding_mask=torch.zeros(2, 30, device="cuda"))
     assert not applies(method=None)  # USE_FLEX[None]
+    flex_attention.USE_FLEX["bias"] = False
+    assert not applies(mode="bias") and applies(mode="ctx")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,15 +171,20 @@ def test_flex_path_equals_the_plain_path_on_cuda_float32(method, mode, rpe_on, m
 
 
 @CUDA
-def test_flex_path_on_cuda_at_coco_size_under_bfloat16_autocast_and_multi_scale():
-    """The encoder's shape (256 wide, 8 heads, rpe-2.0-product-ctx-1-k) at three map sizes of one
-    length step (897..1024 tokens): one compilation of the forward and one of the backward."""
+@pytest.mark.parametrize("setting", ["rpe-2.0-product-ctx-1-k", "rpe-2.0-product-bias-1-qk"])
+def test_flex_path_on_cuda_at_coco_size_under_bfloat16_autocast_and_multi_scale(setting,
+                                                                               monkeypatch):
+    """The encoder's shape (256 wide, 8 heads) at three map sizes of one length step (897..1024
+    tokens): one compilation."""
     from models.rpe_attention import RPEMultiheadAttention, irpe
+    calls = count_calls(monkeypatch, flex_attention, "irpe_flex_attention")
     torch.manual_seed(0)
-    config = irpe.get_rpe_config(ratio=2.0, method="product", mode="ctx", rpe_on="k")
-    layer = RPEMultiheadAttention(256, 8, dropout=0.0, rpe_config=config).cuda().train()
+    layer = RPEMultiheadAttention(256, 8, dropout=0.0, rpe_config=irpe.parse_rpe_string(setting))
+    layer = layer.cuda().train()
     with torch.no_grad():
-        layer.rpe_k.lookup_table_weight.normal_(0, 0.5)
+        for name, p in layer.named_parameters():
+            if "lookup_table" in name:
+                p.normal_(0, 0.5)
     torch._dynamo.reset()
     graphs = counters["stats"]["unique_graphs"]
     for height, width in ((25, 38), (24, 40), (23, 42)):
@@ -194,4 +200,5 @@ def test_flex_path_on_cuda_at_coco_size_under_bfloat16_autocast_and_multi_scale(
         assert fused[0].dtype == torch.bfloat16
         for a, b in zip(fused, reference):
             assert_close_relative(a.float(), b, 3e-2)
+    assert len(calls) == 3  # the fused run at each size
     assert counters["stats"]["unique_graphs"] - graphs == 1

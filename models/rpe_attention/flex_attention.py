@@ -14,7 +14,7 @@ Compiled kernels are specialised on the sequence length, and flex attention's CP
 compile for symbolic lengths in this PyTorch; so q, k, v and the tables are zero-padded to a
 multiple of LENGTH_STEP (padded keys masked, padded queries' rows dropped afterwards): one
 compilation serves every map size of the same step, and multi-scale training compiles a handful
-of times (COCO's maps of 15x20 to 25x42 tokens give lengths in 300..1050: at most 8 steps).
+of times (COCO's multi-scale maps, 15x15 to 25x42 tokens, give lengths 225..1050: 8 steps).
 
 Where RPEMultiheadAttention takes this path is `flex_applies` (the rule, with its table USE_FLEX).
 """
