@@ -19,6 +19,15 @@ def _non_finite_message(loss, epoch, iteration, detail):
             f"--clip_max_norm > 0, and resume from the last checkpoint.")
 
 
+def as_floats(values):
+    """{name: tensor} -> {name: float}, read from the device in one transfer: one host
+    synchronisation for all of them instead of one per value."""
+    if not values:
+        return {}
+    return dict(zip(values, torch.stack([v.detach().float().reshape(()) for v in values.values()])
+                    .tolist()))
+
+
 def predictions_are_finite(outputs):
     """Whether every prediction (aux outputs included) is finite, on every process.
 
@@ -52,8 +61,10 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     header = f"Epoch: [{epoch}]"
 
     for iteration, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
-        samples = samples.to(device)
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        # asynchronous from the loader's pinned memory on CUDA: the host does not wait here for
+        # the previous step's backward, but goes on to queue this step's forward
+        samples = samples.to(device, non_blocking=True)
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
 
         outputs = amp.forward(model, samples, device, amp_dtype)
         if not predictions_are_finite(outputs):
@@ -63,11 +74,14 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         weight_dict = criterion.weight_dict
         losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 
-        # the reduced values are only for logging
+        # the reduced values are only for logging; read now, with the loss, in one transfer, so
+        # that nothing after the backward waits for the GPU
         loss_dict_reduced = utils.reduce_dict(loss_dict)
         unscaled = {f"{k}_unscaled": v for k, v in loss_dict_reduced.items()}
         scaled = {k: v * weight_dict[k] for k, v in loss_dict_reduced.items() if k in weight_dict}
-        loss_value = sum(scaled.values()).item()
+        logged = as_floats({"loss": sum(scaled.values()), **scaled, **unscaled,
+                            "class_error": loss_dict_reduced["class_error"]})
+        loss_value = logged["loss"]
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(_non_finite_message(
                 loss_value, epoch, iteration,
@@ -87,9 +101,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
             scaler.step(optimizer)
             scaler.update()
 
-        metric_logger.update(loss=loss_value, **scaled, **unscaled)
-        metric_logger.update(class_error=loss_dict_reduced["class_error"])
-        metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+        metric_logger.update(**logged, lr=optimizer.param_groups[0]["lr"])
 
     metric_logger.synchronize_between_processes()
     utils.logger.info(f"Averaged stats: {metric_logger}")
@@ -120,8 +132,8 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
         panoptic_evaluator = PanopticEvaluator.from_dataset(data_loader.dataset)
 
     for samples, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
-        samples = samples.to(device)
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+        samples = samples.to(device, non_blocking=True)
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         outputs = amp.forward(model, samples, device, amp_dtype)
         if not predictions_are_finite(outputs):
             raise NonFiniteLossError("the model's predictions are not finite in evaluation: its "
@@ -133,8 +145,8 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
         loss_dict_reduced = utils.reduce_dict(loss_dict)
         scaled = {k: v * weight_dict[k] for k, v in loss_dict_reduced.items() if k in weight_dict}
         unscaled = {f"{k}_unscaled": v for k, v in loss_dict_reduced.items()}
-        metric_logger.update(loss=sum(scaled.values()), **scaled, **unscaled)
-        metric_logger.update(class_error=loss_dict_reduced["class_error"])
+        metric_logger.update(**as_floats({"loss": sum(scaled.values()), **scaled, **unscaled,
+                                          "class_error": loss_dict_reduced["class_error"]}))
 
         orig_target_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
         target_sizes = torch.stack([t["size"] for t in targets], dim=0)

@@ -33,7 +33,7 @@ from engine import NonFiniteLossError, evaluate, train_one_epoch
 from models import build_model
 from models.backbone import BackboneWeightsError, calibrate_frozen_batchnorm
 from models.rpe_attention.irpe import parse_rpe_string
-from util import amp
+from util import amp, torch_compile
 from util.checkpoint import (CheckpointError, check_compatible, get_rng_states, load_checkpoint,
                              load_for_finetuning, rng_states_kept, save_atomic, set_rng_states)
 from util.interrupt import Interrupted, stop_signals_raise
@@ -171,13 +171,16 @@ def get_args_parser():
     parser.add_argument("--local_rank", "--local-rank", default=-1, type=int,
                         help="set by torch.distributed.launch without --use_env")
 
-    # Mixed precision (README.md: "GPU")
+    # Mixed precision and torch.compile (README.md: "GPU")
     parser.add_argument("--amp", action="store_true",
                         help="run the model's forward under torch.autocast (losses, matcher and "
                              "post-processing stay in float32)")
     parser.add_argument("--amp_dtype", default="bfloat16", choices=tuple(amp.DTYPES),
                         help="autocast dtype of --amp; float16 adds loss scaling (GradScaler, "
                              "saved in the checkpoint)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the model through torch.compile (training and evaluation); "
+                             "the first steps at new image sizes compile, for minutes")
 
     # Interruptions and restarts
     parser.add_argument("--auto_resume", action="store_true",
@@ -255,12 +258,16 @@ def interruption_message(stop, args, started):
 
 
 def build_loaders(args, dataset_train, dataset_val):
-    """DataLoaders whose randomness comes from their own generators, saved with each checkpoint."""
+    """DataLoaders whose randomness comes from their own generators, saved with each checkpoint.
+
+    On CUDA they hand out batches in pinned memory, which the engine copies asynchronously."""
+    pin = torch.device(args.device).type == "cuda"
     sampler_val = (DistributedSampler(dataset_val, shuffle=False) if args.distributed
                    else torch.utils.data.SequentialSampler(dataset_val))
     data_loader_val = DataLoader(dataset_val, args.batch_size, sampler=sampler_val, drop_last=False,
                                  collate_fn=utils.collate_fn, num_workers=args.num_workers,
-                                 generator=torch.Generator().manual_seed(args.seed))
+                                 generator=torch.Generator().manual_seed(args.seed),
+                                 pin_memory=pin)
     if dataset_train is None:
         return None, data_loader_val, None, ()
     sampler_generator = torch.Generator().manual_seed(args.seed + utils.get_rank())
@@ -273,7 +280,7 @@ def build_loaders(args, dataset_train, dataset_val):
                          f"--batch_size {args.batch_size} per process")
     data_loader_train = DataLoader(dataset_train, batch_sampler=batch_sampler_train,
                                    collate_fn=utils.collate_fn, num_workers=args.num_workers,
-                                   generator=loader_generator)
+                                   generator=loader_generator, pin_memory=pin)
     return data_loader_train, data_loader_val, sampler_train, (sampler_generator, loader_generator)
 
 
@@ -417,6 +424,7 @@ def main(args):
 
     device = torch.device(args.device)
     amp_dtype, scaler = amp.build(args, device)
+    compile_model = torch_compile.build(args, device)
     seed = args.seed + utils.get_rank()
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -462,6 +470,7 @@ def main(args):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)
         model_without_ddp = model.module
+    model = compile_model(model)  # --compile; model_without_ddp stays the module that is saved
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("number of trainable parameters: %d", n_parameters)
 

@@ -131,3 +131,50 @@ def test_amp_options_parse_with_bfloat16_by_default():
     assert args.amp and args.amp_dtype == "bfloat16"
     with pytest.raises(SystemExit):
         main.get_args_parser().parse_args(["--amp_dtype", "float64"])
+
+
+# ----------------------------------------------------------------------------------------------
+# What runs in bfloat16 under autocast
+
+def float32_outputs(model, samples, device):
+    """Modules of the backbone's ResNet and of the encoder's attention whose output is float32
+    when `model` runs under bfloat16 autocast on `device`: (name, type) pairs."""
+    found = []
+
+    def hook(name):
+        def record(module, inputs, output):
+            output = output[0] if isinstance(output, tuple) else output
+            if isinstance(output, torch.Tensor) and output.dtype == torch.float32:
+                found.append((name, type(module).__name__))
+        return record
+    watched = [(f"backbone.{n}", m) for n, m in model.backbone[0].body.named_modules() if n]
+    watched += [(n, m) for n, m in model.transformer.encoder.named_modules()
+                if n.endswith(("self_attn", "rpe_k"))]
+    handles = [m.register_forward_hook(hook(n)) for n, m in watched]
+    try:
+        amp.forward(model, samples, device, torch.bfloat16)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def tiny_detr(device):
+    from models import build_model
+    args = main.get_args_parser().parse_args(
+        [*TINY, "--enc_rpe2d", "rpe-2.0-product-ctx-1-k", "--coco_path", "unused",
+         "--device", device])
+    torch.manual_seed(0)
+    return build_model(args)[0].to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backbone_and_encoder_attention_stay_in_bfloat16_under_autocast(device):
+    """No float32 activation between the input and the encoder's attention output: a float32
+    module output there (frozen batch norm multiplying by its float32 buffers, say) is a full
+    pass in float32 and a cast back at the next convolution."""
+    import util.misc as utils
+    model = tiny_detr(device).train()
+    samples = utils.nested_tensor_from_tensor_list([torch.randn(3, 96, 128, device=device),
+                                                    torch.randn(3, 80, 100, device=device)])
+    assert float32_outputs(model, samples, device) == []

@@ -51,6 +51,29 @@ def run(layer, x, **kwargs):
     return [out.detach()] + grads
 
 
+def count_calls(monkeypatch, owner, name):
+    """Wrap owner.name so that its calls are counted: returns the list they append to."""
+    calls = []
+    original = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    return calls
+
+
+def assert_fused_equals_plain_on_cuda(layer, x, calls, path):
+    """Outputs and gradients of the plain path (which must not add to `calls`) and of the fused
+    one (which must), padded batch, float32 (PyTorch's float32 matmuls do not use TF32 unless
+    told to: the reference is full float32)."""
+    kwargs = {"key_padding_mask": padding(device="cuda"), "hw": (5, 6)}
+    layer.use_fused_kernels = False
+    plain = run(layer, x, **kwargs)
+    assert not calls
+    layer.use_fused_kernels = True
+    fused = run(layer, x, **kwargs)
+    assert calls, f"forward did not take the {path} path on CUDA"
+    for a, b in zip(fused, plain):
+        assert_close_relative(a, b, 2e-5)
+
+
 def padding(batch=2, length=30, pad=7, device="cpu"):
     mask = torch.zeros(batch, length, dtype=torch.bool, device=device)
     mask[1, -pad:] = True
@@ -125,22 +148,9 @@ def test_sdpa_path_equals_the_plain_path_on_cpu(method, mode, rpe_on, train):
 @pytest.mark.parametrize("method,mode,rpe_on", SETTINGS)
 @pytest.mark.parametrize("train", [False, True])
 def test_sdpa_path_equals_the_plain_path_on_cuda_float32(method, mode, rpe_on, train, monkeypatch):
-    calls = []
-    sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention",
-                        lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    calls = count_calls(monkeypatch, F, "scaled_dot_product_attention")
     layer = make_layer(method, mode, rpe_on, device="cuda").train(train)
-    x = torch.randn(30, 2, 32, device="cuda")
-    kwargs = {"key_padding_mask": padding(device="cuda"), "hw": (5, 6)}
-    # PyTorch's float32 matmuls do not use TF32 unless told to: the reference is full float32
-    layer.use_fused_kernels = False
-    plain = run(layer, x, **kwargs)
-    assert not calls
-    layer.use_fused_kernels = True
-    fused = run(layer, x, **kwargs)
-    assert calls, "forward did not take the SDPA path on CUDA"
-    for a, b in zip(fused, plain):
-        assert_close_relative(a, b, 2e-5)
+    assert_fused_equals_plain_on_cuda(layer, torch.randn(30, 2, 32, device="cuda"), calls, "SDPA")
 
 
 @CUDA

@@ -46,6 +46,14 @@ class NestedTensor:
             mask = mask.to(device, non_blocking=non_blocking)
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
 
+    def pin_memory(self) -> "NestedTensor":
+        """In page-locked memory (what DataLoader(pin_memory=True) calls), so that .to(cuda,
+        non_blocking=True) copies without waiting for the GPU."""
+        mask = self.mask
+        if mask is not None:
+            mask = mask.pin_memory()
+        return NestedTensor(self.tensors.pin_memory(), mask)
+
     def decompose(self) -> Tuple[Tensor, Optional[Tensor]]:
         return self.tensors, self.mask
 

@@ -128,8 +128,16 @@ def bucket_ids(method, ratio, height, width, skip=0, device=None):
     skip, device) in BUCKET_ID_CACHE. The result is shared: do not modify it in place."""
     device = torch.device("cpu") if device is None else torch.device(device)
     key = (method, float(ratio), int(height), int(width), int(skip), device)
-    return BUCKET_ID_CACHE.get(key, device, lambda: compute_bucket_ids(method, ratio, height, width, skip)
-                               .to(device=device, dtype=torch.int32))
+    return BUCKET_ID_CACHE.get(key, device, lambda: _upload(
+        compute_bucket_ids(method, ratio, height, width, skip).to(torch.int32), device))
+
+
+def _upload(ids: Tensor, device: torch.device) -> Tensor:
+    # to a GPU through pinned memory: asynchronous, so that the host does not wait for the GPU's
+    # queue to drain (a plain copy from pageable memory does)
+    if device.type == "cuda":
+        return ids.pin_memory().to(device, non_blocking=True)
+    return ids.to(device)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rpe_ops.attention import attention_weights, fused_attention_available
 
+from . import flex_attention
 from .irpe import build_rpe, iRPE
 from .rpe_attention_function import apply_masks, as_additive_mask, merge_heads, split_heads
 
@@ -123,6 +124,17 @@ class RPEMultiheadAttention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p,
                                                   scale=1.0)
 
+    @torch.jit.unused
+    def _flex_output(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
+                     key_padding_mask: Optional[Tensor], need_weights: bool, height: Optional[int],
+                     width: Optional[int], scaling: float) -> Optional[Tensor]:
+        """Steps 2 to 5 below in one flex attention kernel (flex_attention.py) where its rule,
+        flex_attention.flex_applies, chooses that path; else None."""
+        if not flex_attention.flex_applies(self, q, need_weights, attn_mask, key_padding_mask):
+            return None
+        return flex_attention.irpe_flex_attention(q, k, v, self.rpe_q, self.rpe_k, key_padding_mask,
+                                                  height, width, scaling)
+
     def _output(self, out: Tensor) -> Tensor:
         """(N, H, L, D) -> the layer's output, shaped like its query."""
         out = self.out_proj(merge_heads(out))
@@ -161,6 +173,11 @@ class RPEMultiheadAttention(nn.Module):
         k = split_heads(F.linear(key, w_k, b_k), self.num_heads)
         v = split_heads(F.linear(value, w_v, b_v), self.num_heads)
 
+        if not torch.jit.is_scripting():
+            flex_out = self._flex_output(q, k, v, attn_mask, key_padding_mask, need_weights, height,
+                                         width, scaling)
+            if flex_out is not None:
+                return self._output(flex_out), None
         if not torch.jit.is_scripting() and self._sdpa_applies(q, need_weights):
             out = self._sdpa_output(q, k, v, attn_mask, key_padding_mask, height, width, scaling)
             return self._output(out), None

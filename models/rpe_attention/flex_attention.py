@@ -1,0 +1,192 @@
+"""iRPE attention in PyTorch's flex attention: softmax(q k^T + iRPE terms + padding mask) v in one
+compiled kernel (and one for its backward), without the (N, H, L, S) bias tensor.
+
+The iRPE terms enter as a `score_mod`. For iRPE on k, the score of query i and key j gains
+table[b, h, i, ids[i, j]], where table = q T (N, H, L, buckets) is the small per-query table of
+bucket scores that iRPE.lookup returns and ids the (L, L) bucket ids; for iRPE on q it gains the
+keys' table, transposed: table[b, h, j, ids[j, i]]; in bias mode the table is the bias table
+itself; `cross` gives a term for its rows and one for its columns. The kernel reads these small
+tables where it needs a score, and its backward sums their gradients (flex attention's gradients
+of tensors a score_mod reads), which autograd then carries on to q, k and the iRPE weights. The
+key padding mask is a block mask: blocks of padded keys are skipped.
+
+Compiled kernels are specialised on the sequence length, and flex attention's CPU kernels do not
+compile for symbolic lengths in this PyTorch; so q, k, v and the tables are zero-padded to a
+multiple of LENGTH_STEP (padded keys masked, padded queries' rows dropped afterwards): one
+compilation serves every map size of the same step, and multi-scale training compiles a handful
+of times (COCO's multi-scale maps, 15x15 to 25x42 tokens, give lengths 225..1050: 8 steps).
+
+Where RPEMultiheadAttention takes this path is `flex_applies` (the rule, with its table USE_FLEX).
+"""
+import importlib.util
+import weakref
+from collections import OrderedDict
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .irpe import iRPECross
+
+# Lengths are padded to a multiple of this: flex attention's block size, so the padding never adds
+# a block of queries or keys
+LENGTH_STEP = 128
+# distinct padded lengths x encodings x dtypes that may each compile once (dynamo's default, 8,
+# would be reached by multi-scale training and then fall back to uncompiled attention)
+MAX_COMPILATIONS = 64
+
+# Where the flex path replaces PyTorch's SDPA path in training on CUDA, by the layer's iRPE mode
+# (None: a layer without iRPE, where SDPA's flash or memory-efficient kernels are the ones to
+# beat). benchmarks/attention_paths.py prints the measured times of both paths beside this choice,
+# for a GPU run to confirm or flip an entry.
+USE_FLEX = {"ctx": True, "bias": True, None: False}
+
+# its CUDA kernels are Triton's
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_compiled = None
+
+
+def _flex_attention():
+    """torch.compile(flex_attention), made at the first call (compiling costs seconds)."""
+    global _compiled
+    if _compiled is None:
+        from torch.nn.attention.flex_attention import flex_attention
+        _compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
+    return _compiled
+
+
+def _irpe_mode(layer) -> Optional[str]:
+    for rpe in (layer.rpe_q, layer.rpe_k, layer.rpe_v):
+        if rpe is not None:
+            return (rpe.rp_rows if isinstance(rpe, iRPECross) else rpe).mode
+    return None
+
+
+def flex_applies(layer, q: Tensor, need_weights: bool, attn_mask: Optional[Tensor],
+                 key_padding_mask: Optional[Tensor]) -> bool:
+    """Whether RPEMultiheadAttention `layer` computes steps 2 to 5 of its forward here.
+
+    Training on CUDA only: in eval mode the layer must give what its TorchScript form gives, and
+    a first call there would wait for a compilation. Flex attention applies no dropout, so a layer
+    whose attention dropout is on (DETR's default, 0.1) keeps the SDPA path, whose kernel drops
+    out the weights as F.dropout does. Not for the weights (need_weights), iRPE on v (it needs the
+    weights), an attn_mask or a float key padding mask (DETR's encoder passes neither), head sizes
+    the kernels do not take (a power of two, at least 16), without Triton, or inside
+    torch.compile / tracing, which trace the plain path. Then USE_FLEX decides by the iRPE mode.
+    """
+    head_dim = q.shape[-1]
+    return (layer.use_fused_kernels and q.is_cuda and _HAS_TRITON and layer.training
+            and layer.dropout == 0.0 and not need_weights and layer.rpe_v is None
+            and attn_mask is None
+            and (key_padding_mask is None or key_padding_mask.dtype == torch.bool)
+            and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and USE_FLEX.get(_irpe_mode(layer), False))
+
+
+def _padded_length(length: int) -> int:
+    return -(-length // LENGTH_STEP) * LENGTH_STEP
+
+
+def _pad_rows(x: Tensor, length: int) -> Tensor:
+    """x (..., L, C) zero-padded to (..., length, C)."""
+    return x if x.shape[-2] == length else F.pad(x, (0, 0, 0, length - x.shape[-2]))
+
+
+# padded copies of the cached bucket-id tables (irpe.BUCKET_ID_CACHE), kept as long as the table
+_PADDED_IDS = WeakIdKeyDictionary()
+
+
+def _padded_ids(ids: Tensor, length: int) -> Tensor:
+    if ids.shape[0] == length:
+        return ids
+    padded = _PADDED_IDS.get(ids)
+    if padded is None or padded.shape[0] != length:
+        padded = F.pad(ids, (0, length - ids.shape[1], 0, length - ids.shape[0]))
+        _PADDED_IDS[ids] = padded
+    return padded
+
+
+def _terms(rpe, x: Tensor, height: Optional[int], width: Optional[int],
+           transposed: bool) -> List[Tuple[Tensor, Tensor, bool]]:
+    """(table, ids, transposed) of each table of an iRPE module (two for cross)."""
+    if rpe is None:
+        return []
+    modules = [rpe.rp_rows, rpe.rp_cols] if isinstance(rpe, iRPECross) else [rpe]
+    return [(*m.lookup(x, height, width), transposed) for m in modules]
+
+
+# block masks by key padding mask and lengths: every encoder layer of a forward shares one
+_BLOCK_MASKS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_MAX_BLOCK_MASKS = 8
+
+
+def _block_mask(key_padding_mask: Optional[Tensor], key_length: int, padded_length: int,
+                padded_key_length: int, device: torch.device):
+    """The block mask of the keys to ignore (padding and the padded tail); None if none are."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    if key_padding_mask is None and key_length == padded_key_length:
+        return None
+    key = (padded_length, padded_key_length, key_length, device, None)
+    if key_padding_mask is not None:
+        key = key[:-1] + ((id(key_padding_mask), key_padding_mask._version),)
+    entry = _BLOCK_MASKS.get(key)
+    if entry is not None and (entry[0] is None or entry[0]() is key_padding_mask):
+        _BLOCK_MASKS.move_to_end(key)
+        return entry[1]
+    if key_padding_mask is None:
+        ignored = torch.zeros(1, key_length, dtype=torch.bool, device=device)
+    else:
+        ignored = key_padding_mask
+    ignored = F.pad(ignored, (0, padded_key_length - key_length), value=True)
+    per_image = ignored.shape[0] > 1
+
+    def keep(b, h, q_idx, kv_idx):
+        return ~ignored[b if per_image else 0, kv_idx]
+
+    mask = create_block_mask(keep, ignored.shape[0], None, padded_length, padded_key_length,
+                             device=device, BLOCK_SIZE=LENGTH_STEP)
+    owner = None if key_padding_mask is None else weakref.ref(key_padding_mask)
+    _BLOCK_MASKS[key] = (owner, mask)
+    while len(_BLOCK_MASKS) > _MAX_BLOCK_MASKS:
+        _BLOCK_MASKS.popitem(last=False)
+    return mask
+
+
+def irpe_flex_attention(q: Tensor, k: Tensor, v: Tensor, rpe_q=None, rpe_k=None,
+                        key_padding_mask: Optional[Tensor] = None, height: Optional[int] = None,
+                        width: Optional[int] = None, scaling: float = 1.0) -> Tensor:
+    """softmax(q k^T + rpe_k(q) + rpe_q(k * scaling)^T, keys masked by key_padding_mask) v.
+
+    q (N, H, L, D), already scaled (the kernel scales by 1); k, v (N, H, S, D); rpe_q, rpe_k
+    iRPE (or iRPECross) modules for q and k, or None; key_padding_mask (N, S) bool, True on keys
+    to ignore; (height, width) the token map of the iRPE terms. Returns (N, H, L, D) in q's dtype.
+    The order and arithmetic are those of RPEMultiheadAttention's plain path, up to float
+    rounding; a query row whose keys are all masked gives zeros (the plain path gives nan).
+    """
+    length, key_length = q.shape[2], k.shape[2]
+    terms = _terms(rpe_k, q, height, width, False) + _terms(rpe_q, k * scaling, height, width, True)
+    padded_length, padded_key_length = _padded_length(length), _padded_length(key_length)
+    captured = []
+    for table, ids, transposed in terms:
+        # a table's rows are queries (on k) or keys (on q): self-attention, L == S, padded alike
+        captured.append((_pad_rows(table, padded_length), _padded_ids(ids, padded_length),
+                         transposed, table.shape[0] > 1, table.shape[1] > 1))
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        for table, ids, transposed, per_image, per_head in captured:
+            row, col = (kv_idx, q_idx) if transposed else (q_idx, kv_idx)
+            score = score + table[b if per_image else 0, h if per_head else 0, row, ids[row, col]]
+        return score
+
+    block_mask = _block_mask(key_padding_mask, key_length, padded_length, padded_key_length,
+                             q.device)
+    with torch._dynamo.config.patch(recompile_limit=MAX_COMPILATIONS):
+        out = _flex_attention()(_pad_rows(q, padded_length), _pad_rows(k, padded_key_length),
+                                _pad_rows(v, padded_key_length),
+                                score_mod=score_mod if captured else None,
+                                block_mask=block_mask, scale=1.0)
+    return out[:, :, :length]
