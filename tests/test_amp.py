@@ -163,7 +163,7 @@ def tiny_detr(device):
     from models import build_model
     args = main.get_args_parser().parse_args(
         [*TINY, "--enc_rpe2d", "rpe-2.0-product-ctx-1-k", "--coco_path", "unused",
-         "--device", device])
+         "--device", device, "--num_classes", "91"])
     torch.manual_seed(0)
     return build_model(args)[0].to(device)
 

@@ -25,7 +25,7 @@ def tiny(device, train_backbone=False):
     off: the compiled graph draws its dropout masks from another generator."""
     args = main.get_args_parser().parse_args(
         [*TINY, "--enc_rpe2d", "rpe-2.0-product-ctx-1-k", "--dropout", "0", "--coco_path",
-         "unused", "--device", device])
+         "unused", "--device", device, "--num_classes", "91"])
     torch.manual_seed(0)
     model, criterion, _ = build_model(args)
     resnet = ResNet(BasicBlock, [1, 1, 1, 1], norm_layer=FrozenBatchNorm2d)

@@ -56,7 +56,7 @@ class DeviceReads(TorchDispatchMode):
 
 def tiny_model(device, rpe="rpe-2.0-product-ctx-1-k"):
     args = main.get_args_parser().parse_args(
-        [*TINY, "--enc_rpe2d", rpe, "--coco_path", "unused", "--device", device])
+        [*TINY, "--enc_rpe2d", rpe, "--coco_path", "unused", "--device", device, "--num_classes", "91"])
     torch.manual_seed(0)
     model, criterion, postprocessors = build_model(args)
     return model.to(device), criterion.to(device), postprocessors
