@@ -116,11 +116,14 @@ class BackboneBase(nn.Module):
         self.channels_last_min_side = 400  # see forward
         self.num_channels = num_channels
 
-    @torch.jit.unused
     def _channels_last_pays(self, images: Tensor) -> bool:
-        # eager CPU runs only: traced / exported graphs keep one layout for every input size
-        return (images.device.type == "cpu" and not torch.compiler.is_compiling()
+        # CPU runs, eager and scripted alike (the same numbers); traced / exported / compiled
+        # graphs keep one layout for every input size
+        pays = (images.device.type == "cpu"
                 and min(images.shape[-2], images.shape[-1]) >= self.channels_last_min_side)
+        if not torch.jit.is_scripting():
+            pays = pays and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+        return pays
 
     def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
         mask = tensor_list.mask
@@ -128,7 +131,7 @@ class BackboneBase(nn.Module):
             raise ValueError("the backbone needs the padding mask of the NestedTensor")
         out: Dict[str, NestedTensor] = {}
         images = tensor_list.tensors
-        if not torch.jit.is_scripting() and self._channels_last_pays(images):
+        if self._channels_last_pays(images):
             # channels-last input: oneDNN's convolutions then skip the layout conversions around
             # every call (a ResNet-50 at 800x1199 runs 1.1x faster in eval, 1.2x in training on
             # 2 cores); same values up to float rounding. Small images lose by it (the toy demo's

@@ -120,7 +120,10 @@ def _fallback_rpe_index_backward(grad_output, index, num_buckets):
 
 
 def _has_kernel(op, dispatch_key):
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"rpe_ops::{op}", dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"rpe_ops::{op}", dispatch_key)
+    except RuntimeError:  # no such operator (an extension built from older sources)
+        return False
 
 
 if EXTENSION_AVAILABLE:

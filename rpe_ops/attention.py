@@ -8,60 +8,55 @@ attention_weights(q, k, lookup, index, extra, key_bias, dropout_p) computes
 with one pass of the compiled kernel over the logits (lookup, mask, softmax and
 dropout together) where the plain PyTorch path makes a fresh (B, H, L, S)
 tensor for every step, and a backward that also sums the lookup's gradient
-into its buckets in that pass. The dropout keep-mask is Bernoulli(1 - p) per
-weight with kept weights scaled by 1 / (1 - p), as torch.nn.functional.dropout;
-it is drawn by a counter-based generator seeded from PyTorch's default
-generator, so torch.manual_seed makes it repeatable (the draws differ from
-torch.bernoulli's). It is kept as one bit per weight for the backward.
+into its buckets in that pass. It is the registered operator
+torch.ops.rpe_ops.attention_weights, whose autograd is written in C++ too:
+eager code and TorchScript call the same kernels and get the same numbers.
+
+The dropout keep-mask is Bernoulli(1 - p) per weight with kept weights scaled
+by 1 / (1 - p), as torch.nn.functional.dropout; it is drawn by a counter-based
+generator seeded from PyTorch's default generator, so torch.manual_seed makes
+it repeatable (the draws differ from torch.bernoulli's). It is kept as one bit
+per weight for the backward.
+
+Without the extension the operator is defined here by the plain PyTorch
+arithmetic (so that scripted code that names it still compiles), but
+fused_attention_available is False and the attention layers do not call it.
 """
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import EXTENSION_AVAILABLE, _has_kernel
+from . import EXTENSION_AVAILABLE, _has_kernel, _lib
 
 __all__ = ["attention_weights", "fused_attention_available"]
 
-_FUSED = EXTENSION_AVAILABLE and _has_kernel("attention_softmax", "CPU")
+_FUSED = EXTENSION_AVAILABLE and _has_kernel("attention_weights", "CPU")
 
+if not _FUSED:
+    _lib.define("attention_weights(Tensor q, Tensor k, Tensor? lookup, Tensor? index, "
+                "Tensor? extra, Tensor? key_bias, float dropout_p) -> Tensor")
 
-def fused_attention_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """True when attention_weights runs for tensors of this device and dtype."""
-    return _FUSED and device.type == "cpu" and dtype in (torch.float32, torch.float64)
-
-
-def _draw_seed() -> int:
-    return int(torch.empty((), dtype=torch.int64).random_())
-
-
-class _AttentionWeights(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, lookup, index, extra, key_bias, dropout_p):
-        logits = torch.matmul(q, k.transpose(-2, -1))
+    def _plain_attention_weights(q, k, lookup, index, extra, key_bias, dropout_p):
+        logits = q @ k.transpose(-2, -1)
         if extra is not None:
-            logits.add_(extra)
-        seed = _draw_seed() if dropout_p > 0 else 0
-        weights, keep = torch.ops.rpe_ops.attention_softmax(logits, lookup, index, key_bias,
-                                                            dropout_p, seed)
-        ctx.save_for_backward(q, k, logits, keep, index)
-        ctx.dropout_p = dropout_p
-        ctx.lookup_shape = None if lookup is None else lookup.shape
-        ctx.extra_shape = None if extra is None else extra.shape
-        return weights
+            logits = logits + extra
+        if lookup is not None:
+            shape = (*logits.shape[:3], lookup.shape[-1])
+            logits = logits + lookup.expand(shape).gather(-1, index.long().expand(logits.shape))
+        if key_bias is not None:
+            logits = logits + key_bias.to(q.dtype)[:, None, None, :]
+        return torch.nn.functional.dropout(logits.softmax(-1), dropout_p)
 
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, probs, keep, index = ctx.saved_tensors
-        need_q, need_k, need_lookup, _, need_extra, _, _ = ctx.needs_input_grad
-        num_buckets = ctx.lookup_shape[-1] if need_lookup else 0
-        grad_logits, grad_lookup = torch.ops.rpe_ops.attention_softmax_backward(
-            grad, probs, keep, ctx.dropout_p, index if need_lookup else None, num_buckets)
-        grad_q = grad_logits @ k if need_q else None
-        grad_k = grad_logits.transpose(-2, -1) @ q if need_k else None
-        grad_lookup = grad_lookup.sum_to_size(ctx.lookup_shape) if need_lookup else None
-        grad_extra = grad_logits.sum_to_size(ctx.extra_shape) if need_extra else None
-        return grad_q, grad_k, grad_lookup, None, grad_extra, None, None
+    _lib.impl("attention_weights", _plain_attention_weights, "CompositeImplicitAutograd")
+
+
+def fused_attention_available(device: torch.device, dtype: torch.dtype,
+                              built: bool = _FUSED) -> bool:
+    """True when attention_weights runs the compiled kernel for tensors of this device and dtype.
+    (`built`, whether the extension has the kernel, is a default argument so that TorchScript
+    takes it as a constant.)"""
+    return built and device.type == "cpu" and (dtype == torch.float32 or dtype == torch.float64)
 
 
 def attention_weights(q: Tensor, k: Tensor, lookup: Optional[Tensor] = None,
@@ -75,8 +70,4 @@ def attention_weights(q: Tensor, k: Tensor, lookup: Optional[Tensor] = None,
     term per key (0, or -inf for padding). dropout_p: dropout on the weights (0 in eval mode).
     CPU, float32 / float64 (see fused_attention_available).
     """
-    if extra is not None:
-        extra = extra.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    if key_bias is not None:
-        key_bias = key_bias.to(q.dtype)
-    return _AttentionWeights.apply(q, k, lookup, index, extra, key_bias, float(dropout_p))
+    return torch.ops.rpe_ops.attention_weights(q, k, lookup, index, extra, key_bias, dropout_p)

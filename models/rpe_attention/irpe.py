@@ -278,7 +278,6 @@ class iRPE(nn.Module):
             return compute_bucket_ids(self.method, self.ratio, height, width, self.skip, device)
         return bucket_ids(self.method, self.ratio, int(height), int(width), self.skip, device)
 
-    @torch.jit.unused
     def lookup(self, x: Tensor, height: Optional[int] = None,
                width: Optional[int] = None) -> Tuple[Tensor, Tensor]:
         """For q or k: (table, ids) with forward(x) = table[b, h, i, ids[i, j]], before the lookup.
@@ -292,6 +291,12 @@ class iRPE(nn.Module):
             bias = self.lookup_table_bias
             return bias[None, :, None, :].expand(1, bias.shape[0], x.shape[2], bias.shape[1]), ids
         return torch.matmul(x, self.lookup_table_weight), ids
+
+    def fused_terms(self, x: Tensor, height: Optional[int] = None, width: Optional[int] = None
+                    ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """What the fused attention kernel takes of this encoding of k: (table, ids, None)."""
+        table, ids = self.lookup(x, height, width)
+        return table, ids, None
 
     def forward(self, x: Tensor, height: Optional[int] = None, width: Optional[int] = None) -> Tensor:
         ids = self.bucket_ids(x.shape[2], height, width, x.device)
@@ -319,6 +324,12 @@ class iRPECross(nn.Module):
 
     def forward(self, x: Tensor, height: Optional[int] = None, width: Optional[int] = None) -> Tensor:
         return self.rp_rows(x, height, width) + self.rp_cols(x, height, width)
+
+    def fused_terms(self, x: Tensor, height: Optional[int] = None, width: Optional[int] = None
+                    ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """What the fused attention kernel takes of this encoding of k: (None, None, the logits
+        term); it has one table lookup only."""
+        return None, None, self.forward(x, height, width)
 
 
 def _build_one(config, head_dim, num_heads, transposed):

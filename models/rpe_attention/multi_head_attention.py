@@ -51,30 +51,36 @@ class RPEMultiheadAttention(nn.Module):
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
 
-    @torch.jit.unused
     def _fused_applies(self, q: Tensor) -> bool:
-        return (self.use_fused_kernels and fused_attention_available(q.device, q.dtype)
-                and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
+        applies = self.use_fused_kernels and fused_attention_available(q.device, q.dtype)
+        if not torch.jit.is_scripting():
+            applies = applies and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+        return applies
 
-    @torch.jit.unused
     def _fused_weights(self, q: Tensor, k: Tensor, attn_mask: Optional[Tensor],
                        key_padding_mask: Optional[Tensor], height: Optional[int],
                        width: Optional[int], scaling: float) -> Tensor:
         """Steps 2 to 4 below in the compiled kernel of rpe_ops.attention: the same weights up to
-        float rounding (the dropout draws differ), fewer passes over the (N, H, L, S) logits."""
-        lookup = index = extra = None
-        if isinstance(self.rpe_k, iRPE):
-            lookup, index = self.rpe_k.lookup(q, height, width)
-        elif self.rpe_k is not None:
-            extra = self.rpe_k(q, height, width)
+        float rounding (the dropout draws differ), fewer passes over the (N, H, L, S) logits.
+        Scripted models call it too, so that they give the eager model's numbers bit for bit."""
+        lookup: Optional[Tensor] = None
+        index: Optional[Tensor] = None
+        extra: Optional[Tensor] = None
+        if self.rpe_k is not None:
+            lookup, index, extra = self.rpe_k.fused_terms(q, height, width)
         if self.rpe_q is not None:
             term = self.rpe_q(k * scaling, height, width).transpose(-2, -1)
-            extra = term if extra is None else extra + term
+            if extra is None:
+                extra = term
+            else:
+                extra = extra + term
         if attn_mask is not None:
             if extra is None:
                 extra = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+            else:
+                extra = extra.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
             extra = apply_masks(extra, attn_mask, None)
-        key_bias = None
+        key_bias: Optional[Tensor] = None
         if key_padding_mask is not None:
             key_bias = as_additive_mask(key_padding_mask, q.dtype)
         dropout_p = self.dropout if self.training else 0.0
@@ -181,7 +187,7 @@ class RPEMultiheadAttention(nn.Module):
         if not torch.jit.is_scripting() and self._sdpa_applies(q, need_weights):
             out = self._sdpa_output(q, k, v, attn_mask, key_padding_mask, height, width, scaling)
             return self._output(out), None
-        if not torch.jit.is_scripting() and self._fused_applies(q):
+        if self._fused_applies(q):
             attn = self._fused_weights(q, k, attn_mask, key_padding_mask, height, width, scaling)
         else:
             # 2. logits with the relative position terms: on k from the (scaled) queries, on q

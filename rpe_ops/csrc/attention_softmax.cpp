@@ -18,6 +18,13 @@
 //     grad_lookup (B, H, L, num_buckets): bucket sums of grad_logits over index
 //     (empty when index is not given)
 //
+//   attention_weights(q, k, lookup?, index?, extra?, key_bias?, dropout_p)
+//       -> weights
+//     the two above with the logits q @ k^T (+ extra) and the gradients of q,
+//     k, lookup and extra: one operator with its autograd in C++, so that eager
+//     code and TorchScript call the same kernels (and get the same numbers).
+//     The dropout seed is drawn from PyTorch's default CPU generator.
+//
 // The keep-mask is Bernoulli(1 - p) per weight, drawn from a counter-based
 // generator: each row's key is the SplitMix64 finaliser of seed + row * 2^64/phi,
 // each weight's 32-bit draw u a keyed hash of its column (keep_draw), and u
@@ -30,6 +37,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/matmul.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -425,9 +434,115 @@ std::tuple<at::Tensor, at::Tensor> attention_softmax_backward_cpu(
   return {grad_logits, grad_lookup};
 }
 
+// The forward of attention_weights: (weights, keep, probs).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weights_forward(
+    const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& lookup,
+    const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& extra,
+    const std::optional<at::Tensor>& key_bias, double dropout_p) {
+  TORCH_CHECK(q.is_cpu() && k.is_cpu(), "attention_weights: CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4,
+              "attention_weights: q and k must be (B, H, L, D) and (B, H, S, D)");
+  at::Tensor logits = at::matmul(q, k.transpose(-2, -1)).contiguous();
+  if (extra.has_value()) {
+    logits.add_(*extra);
+  }
+  std::optional<at::Tensor> kb;
+  if (key_bias.has_value()) {
+    kb = key_bias->to(q.scalar_type());
+  }
+  int64_t seed = 0;
+  if (dropout_p > 0.0) {
+    seed = at::empty({}, q.options().dtype(at::kLong)).random_().item<int64_t>();
+  }
+  auto [weights, keep] = attention_softmax_cpu(logits, lookup, index, kb, dropout_p, seed);
+  return {weights, keep, logits};
+}
+
+class AttentionWeights : public torch::autograd::Function<AttentionWeights> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
+                            const at::Tensor& k, const std::optional<at::Tensor>& lookup,
+                            const std::optional<at::Tensor>& index,
+                            const std::optional<at::Tensor>& extra,
+                            const std::optional<at::Tensor>& key_bias, double dropout_p) {
+    auto [weights, keep, probs] =
+        attention_weights_forward(q, k, lookup, index, extra, key_bias, dropout_p);
+    ctx->save_for_backward({q, k, probs, keep, index.value_or(at::Tensor())});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["lookup_shape"] =
+        lookup.has_value() ? lookup->sizes().vec() : std::vector<int64_t>{};
+    ctx->saved_data["extra_shape"] =
+        extra.has_value() ? extra->sizes().vec() : std::vector<int64_t>{};
+    // the autograd edges of the inputs given (None is not an input there): q, k, then lookup,
+    // index, extra and key_bias where given
+    int64_t edge = 2;
+    ctx->saved_data["lookup_edge"] = lookup.has_value() ? edge++ : int64_t{-1};
+    edge += index.has_value() ? 1 : 0;
+    ctx->saved_data["extra_edge"] = extra.has_value() ? edge : int64_t{-1};
+    return weights;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& q = saved[0];
+    const at::Tensor& k = saved[1];
+    const int64_t lookup_edge = ctx->saved_data["lookup_edge"].toInt();
+    const int64_t extra_edge = ctx->saved_data["extra_edge"].toInt();
+    const bool need_lookup = lookup_edge >= 0 && ctx->needs_input_grad(lookup_edge);
+    const bool need_extra = extra_edge >= 0 && ctx->needs_input_grad(extra_edge);
+    const auto lookup_shape = ctx->saved_data["lookup_shape"].toIntVector();
+    const auto extra_shape = ctx->saved_data["extra_shape"].toIntVector();
+    std::optional<at::Tensor> index;
+    if (need_lookup) {
+      index = saved[4];
+    }
+    auto [grad_logits, grad_lookup] = attention_softmax_backward_cpu(
+        grads[0], saved[2], saved[3], ctx->saved_data["dropout_p"].toDouble(), index,
+        need_lookup ? lookup_shape.back() : 0);
+    at::Tensor grad_q, grad_k, grad_extra;
+    if (ctx->needs_input_grad(0)) {
+      grad_q = at::matmul(grad_logits, k);
+    }
+    if (ctx->needs_input_grad(1)) {
+      grad_k = at::matmul(grad_logits.transpose(-2, -1), q);
+    }
+    if (need_lookup) {
+      grad_lookup = grad_lookup.sum_to_size(lookup_shape);
+    } else {
+      grad_lookup = at::Tensor();
+    }
+    if (need_extra) {
+      grad_extra = grad_logits.sum_to_size(extra_shape);
+    }
+    return {grad_q, grad_k, grad_lookup, at::Tensor(), grad_extra, at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor attention_weights_autograd(const at::Tensor& q, const at::Tensor& k,
+                                      const std::optional<at::Tensor>& lookup,
+                                      const std::optional<at::Tensor>& index,
+                                      const std::optional<at::Tensor>& extra,
+                                      const std::optional<at::Tensor>& key_bias,
+                                      double dropout_p) {
+  return AttentionWeights::apply(q, k, lookup, index, extra, key_bias, dropout_p);
+}
+
+// Below autograd (inference mode): the forward alone.
+at::Tensor attention_weights_cpu(const at::Tensor& q, const at::Tensor& k,
+                                 const std::optional<at::Tensor>& lookup,
+                                 const std::optional<at::Tensor>& index,
+                                 const std::optional<at::Tensor>& extra,
+                                 const std::optional<at::Tensor>& key_bias, double dropout_p) {
+  return std::get<0>(attention_weights_forward(q, k, lookup, index, extra, key_bias, dropout_p));
+}
+
 } // namespace
 
 TORCH_LIBRARY_FRAGMENT(rpe_ops, m) {
+  m.def(
+      "attention_weights(Tensor q, Tensor k, Tensor? lookup, Tensor? index, Tensor? extra,"
+      " Tensor? key_bias, float dropout_p) -> Tensor");
   m.def(
       "attention_softmax(Tensor(a!) logits, Tensor? lookup, Tensor? index, Tensor? key_bias,"
       " float dropout_p, int seed) -> (Tensor, Tensor)");
@@ -439,6 +554,11 @@ TORCH_LIBRARY_FRAGMENT(rpe_ops, m) {
 TORCH_LIBRARY_IMPL(rpe_ops, CPU, m) {
   m.impl("attention_softmax", &attention_softmax_cpu);
   m.impl("attention_softmax_backward", &attention_softmax_backward_cpu);
+  m.impl("attention_weights", &attention_weights_cpu);
+}
+
+TORCH_LIBRARY_IMPL(rpe_ops, Autograd, m) {
+  m.impl("attention_weights", &attention_weights_autograd);
 }
 
 } // namespace rpe_ops

@@ -4,7 +4,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -86,9 +85,22 @@ void check_index_range(
   if (index.numel() == 0) {
     return;
   }
-  auto [lo, hi] = at::aminmax(index);
-  const int64_t min_value = lo.item<int64_t>();
-  const int64_t max_value = hi.item<int64_t>();
+  // One plain pass over a host copy: no reduction kernel is launched on the
+  // index's device, and a CUDA index costs one copy (with its synchronisation).
+  const at::Tensor host = index.to(at::kCPU).contiguous();
+  int64_t min_value = 0;
+  int64_t max_value = 0;
+  AT_DISPATCH_INDEX_TYPES(host.scalar_type(), "check_index_range", [&] {
+    const index_t* data = host.const_data_ptr<index_t>();
+    index_t lo = data[0];
+    index_t hi = data[0];
+    for (int64_t i = 1; i < host.numel(); ++i) {
+      lo = std::min(lo, data[i]);
+      hi = std::max(hi, data[i]);
+    }
+    min_value = lo;
+    max_value = hi;
+  });
   TORCH_CHECK(
       min_value >= 0 && max_value < num_buckets,
       op, ": index values must lie in [0, num_buckets) = [0, ", num_buckets,
