@@ -5,14 +5,18 @@
 #
 #   step (time limit)                                             took on an H200
 #   1. build rpe_ops with its CUDA kernels, in place (90 s)          24 s
-#   2. the CUDA, SDPA and --amp tests (150 s)
-#   3. the rpe_ops benchmark on CUDA (45 s)
-#   4. build the published code's rpe_ops in PUBLISHED (argument or   92 s, in the background
-#      $PUBLISHED), if given, from the start (300 s)                    during 1-3
-#   5. benchmarks/vs_published.py on CUDA, if PUBLISHED is given (270 s): plain DETR, the
+#   2. the CUDA, SDPA, flex attention, host-synchronisation and --amp tests (150 s)
+#   3. the rpe_ops benchmark on CUDA (20 s)
+#   4. benchmarks/attention_paths.py: flex attention against SDPA with the bias, per setting,
+#      forward and backward, which decides flex_attention.USE_FLEX (45 s)
+#   5. benchmarks/casts_and_syncs.py: the casts and host synchronisations of one --amp training
+#      step and of inference (30 s)
+#   6. build the published code's rpe_ops in PUBLISHED (argument or   92 s, in the background
+#      $PUBLISHED), if given, from the start (300 s)                    during 1-5
+#   7. benchmarks/vs_published.py on CUDA, if PUBLISHED is given (250 s): plain DETR, the
 #      published code (with its extension and on its PyTorch path) and ours, float32 and bf16
 #      autocast, training step at batch 4, inference at batch 1 and 8, the attention layer and
-#      the iRPE module, with peak memory; no target starts after 170 s of it
+#      the iRPE module, with peak memory; no target starts after 150 s of it
 #
 # A failing step is recorded and the next one runs; the summary at the end gives each step's
 # result and time and the vs_published table, and the exit status is 1 if any step failed. Logs
@@ -85,8 +89,12 @@ touch rpe_ops/csrc/*
 step build_rpe_ops 90 env FORCE_CUDA=1 PYTHON="$PYTHON" bash rpe_ops/build.sh
 # RPE_OPS_REQUIRE_EXTENSION=1: the tests of the compiled kernels fail, not skip, without them
 step cuda_tests 150 env RPE_OPS_REQUIRE_EXTENSION=1 \
-    "$PYTHON" -m pytest tests -q -k "cuda or sdpa or amp" -p no:cacheprovider -rs
-step rpe_ops_benchmark 45 "$PYTHON" -m rpe_ops.benchmark --device cuda --repeat 20
+    "$PYTHON" -m pytest tests -q -k "cuda or sdpa or amp or flex or host_syncs" \
+    -p no:cacheprovider -rs
+step rpe_ops_benchmark 20 "$PYTHON" -m rpe_ops.benchmark --device cuda --repeat 10
+step attention_paths 45 "$PYTHON" benchmarks/attention_paths.py --device cuda \
+    --settings "rpe-2.0-product-ctx-1-k,rpe-2.0-product-bias-1-k," --repeats 10
+step casts_and_syncs 30 "$PYTHON" benchmarks/casts_and_syncs.py --device cuda --repeats 5
 if [ -z "$PUBLISHED" ]; then
     not_run build_published "skipped: no published folder given (argument or \$PUBLISHED)"
     not_run vs_published "skipped: no published folder given"
@@ -101,9 +109,9 @@ else
     tail -n 3 "$OUT_DIR/build_published.log"
     names+=(build_published) seconds+=($(( SECONDS - published_start )))
     if [ "$status" -eq 0 ]; then results+=("pass"); else results+=("FAIL (exit $status)"); fi
-    step vs_published 270 "$PYTHON" benchmarks/vs_published.py --published "$PUBLISHED" \
+    step vs_published 250 "$PYTHON" benchmarks/vs_published.py --published "$PUBLISHED" \
         --device cuda --threads 16 --plain --amp --train-batch 4 --infer-batch 1,8 \
-        --rounds 1 --warmup 3 --repeats 10 --deadline 170 \
+        --rounds 1 --warmup 3 --repeats 10 --deadline 150 \
         --targets train_step,inference,attention,irpe_k --json "$OUT_DIR/vs_published.json"
 fi
 
