@@ -125,7 +125,7 @@ def get_args_parser():
                         help="toy training images (default 1000); a new count needs a new --toy_path")
     parser.add_argument("--toy_num_val", type=int, default=None, help="toy validation images (default 100)")
 
-    # Your own data and fine-tuning (README.md: "Your own data", "Fine-tuning")
+    # Your own data and fine-tuning (docs/data.md, docs/fine-tuning.md)
     parser.add_argument("--train_ann", type=str, default=None,
                         help="COCO-format annotation json of your training images (instead of --coco_path)")
     parser.add_argument("--train_images", type=str, default=None,
@@ -171,7 +171,7 @@ def get_args_parser():
     parser.add_argument("--local_rank", "--local-rank", default=-1, type=int,
                         help="set by torch.distributed.launch without --use_env")
 
-    # Mixed precision and torch.compile (README.md: "GPU")
+    # Mixed precision and torch.compile (docs/speed-and-gpu.md)
     parser.add_argument("--amp", action="store_true",
                         help="run the model's forward under torch.autocast (losses, matcher and "
                              "post-processing stay in float32)")
