@@ -192,21 +192,6 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------------------------
 
-def setup_logging(output_dir):
-    """Log INFO on the main process (console and OUTPUT_DIR/run.log); errors only elsewhere.
-
-    Records with extra={"file_only": True} (a failure's traceback, which Python prints to the
-    console anyway) go to run.log only.
-    """
-    level = logging.INFO if utils.is_main_process() else logging.ERROR
-    handlers = [logging.StreamHandler(sys.stdout)]
-    handlers[0].addFilter(lambda record: not getattr(record, "file_only", False))
-    if output_dir and utils.is_main_process():
-        handlers.append(logging.FileHandler(Path(output_dir) / "run.log"))
-    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        handlers=handlers, force=True)
-
-
 def resolve_auto_resume(args):
     """--auto_resume: OUTPUT_DIR/checkpoint.pth, when it exists, becomes --resume.
 
@@ -395,7 +380,7 @@ def main(args):
     utils.init_distributed_mode(args)
     if args.output_dir and utils.is_main_process():
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    setup_logging(args.output_dir)
+    utils.setup_logging(args.output_dir)
     logger.info("git: %s", utils.get_sha())
     logger.info("options: %s", vars(args))
     if args.finetune and (args.resume or args.eval):
