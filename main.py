@@ -19,7 +19,7 @@ import torch
 
 import util.cpu_allocator  # noqa: F401  (keeps freed memory for reuse: see there)
 import util.misc as utils
-from datasets import build_dataset, build_loaders, class_setup, get_coco_api_from_dataset
+from datasets import build_datasets, build_loaders, class_setup, get_coco_api_from_dataset
 from datasets.coco import BadImageError, DatasetNotFoundError
 from datasets.coco_eval_backends import COCO_EVAL_BACKENDS, get_backend as get_coco_eval_backend
 from engine import (NonFiniteLossError, log_skipped_images, record_epoch, save_evaluation,
@@ -192,30 +192,27 @@ def check_options(args):
                          "--eval --resume FILE evaluates it. Give one of them, not both")
     if args.frozen_weights is not None and not args.masks:
         raise SystemExit("--frozen_weights trains a mask head on a frozen detector: add --masks")
-    if args.eval and not args.resume:
-        logger.warning("--eval without --resume evaluates an untrained model")
     get_coco_eval_backend(args.coco_eval_backend)  # a missing package is named before any work
 
 
 def main(args):
     _run_state["started"] = False
     utils.init_distributed_mode(args)
-    if args.output_dir and utils.is_main_process():
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     utils.setup_logging(args.output_dir)
     logger.info("git: %s", utils.get_sha())
     logger.info("options: %s", vars(args))
     check_options(args)
     resolve_auto_resume(args)
+    if (args.resume or args.eval or args.finetune or args.frozen_weights) and args.backbone_weights != "none":
+        logger.info("--resume/--eval/--finetune/--frozen_weights given: the backbone starts "
+                    "from the checkpoint, so no --backbone_weights are loaded")
+        args.backbone_weights = "none"
+    if args.eval and not args.resume:
+        logger.warning("--eval without --resume evaluates an untrained model")
     world_size, nodes = utils.get_world_size(), utils.num_nodes()
     logger.info("world size %d on %d node%s, %d images per process, effective batch %d, lr %g "
                 "(backbone %g; not scaled with the batch)", world_size, nodes, "s" * (nodes != 1),
                 args.batch_size, args.batch_size * world_size, args.lr, args.lr_backbone)
-    if args.resume or args.eval or args.finetune or args.frozen_weights:
-        if args.backbone_weights != "none":
-            logger.info("--resume/--eval/--finetune/--frozen_weights given: the backbone starts "
-                        "from the checkpoint, so no --backbone_weights are loaded")
-        args.backbone_weights = "none"
 
     device = torch.device(args.device)
     amp_dtype, scaler = amp.build(args, device)
@@ -225,13 +222,7 @@ def main(args):
     np.random.seed(seed)
     random.seed(seed)
 
-    if utils.is_main_process():  # the toy data is made once, by one process
-        dataset_val = build_dataset(image_set="val", args=args)
-    if args.distributed:
-        torch.distributed.barrier()
-    if not utils.is_main_process():
-        dataset_val = build_dataset(image_set="val", args=args)
-    dataset_train = None if args.eval else build_dataset(image_set="train", args=args)
+    dataset_train, dataset_val = build_datasets(args)
     data_loader_train, data_loader_val, sampler_train, generators = build_loaders(
         args, dataset_train, dataset_val)
     base_ds = get_coco_api_from_dataset(dataset_val)
@@ -317,12 +308,8 @@ def main(args):
         # random states saved are those the next epoch starts from: validate keeps them)
         rng_states = utils.all_gather(get_rng_states(*generators))
         if output_dir and utils.is_main_process():
-            checkpoint = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                          "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
-                          "rng_states": rng_states, "train_stats": train_stats}
-            if scaler is not None:
-                checkpoint["scaler"] = scaler.state_dict()
-            save_checkpoint(output_dir, checkpoint, epoch, args.lr_drop)
+            save_checkpoint(output_dir, args, epoch, model_without_ddp, optimizer, lr_scheduler,
+                            scaler, rng_states, train_stats)
         test_stats, coco_evaluator = run_validation()
         if output_dir and utils.is_main_process():
             record_epoch(output_dir, epoch, train_stats, test_stats, coco_evaluator, n_parameters)

@@ -31,7 +31,7 @@ NUM_CLASSES = {"coco": 91, "coco_panoptic": 250, "toy": toy.NUM_CLASSES,
 __all__ = ["build_dataset", "get_coco_api_from_dataset", "CocoDetection", "CocoEvaluator",
            "DatasetNotFoundError", "ToyDataError", "generate_toy_coco", "num_classes_for",
            "CocoPanoptic", "PanopticEvaluator", "is_thing_map_for", "dataset_categories",
-           "uses_own_files", "class_setup", "build_loaders"]
+           "uses_own_files", "class_setup", "build_loaders", "build_datasets"]
 
 
 def build_dataset(image_set, args):
@@ -87,6 +87,18 @@ def dataset_categories(dataset):
     else:
         cats = get_coco_api_from_dataset(dataset).cats
     return {int(i): str(cats[i].get("name", i)) for i in sorted(cats)}
+
+
+def build_datasets(args):
+    """(training set or None with --eval, validation set); the validation set is built by the main
+    process first, so that data made on first use (the toy sets) is made once."""
+    if utils.is_main_process():
+        dataset_val = build_dataset(image_set="val", args=args)
+    if args.distributed:
+        torch.distributed.barrier()
+    if not utils.is_main_process():
+        dataset_val = build_dataset(image_set="val", args=args)
+    return None if args.eval else build_dataset(image_set="train", args=args), dataset_val
 
 
 def class_setup(args, dataset):

@@ -365,7 +365,8 @@ progress_logger.propagate = False
 
 
 def setup_logging(output_dir):
-    """Log INFO on the main process (console and OUTPUT_DIR/run.log); errors only elsewhere.
+    """Log INFO on the main process (console and OUTPUT_DIR/run.log, the folder made if
+    missing); errors only elsewhere.
 
     On a terminal the console shows the compact progress lines of MetricLogger.log_every in place
     of its full lines, which run.log keeps. Records with extra={"file_only": True} (a failure's
@@ -378,6 +379,7 @@ def setup_logging(output_dir):
                       and not (live and getattr(record, "progress", False)))
     handlers = [console]
     if output_dir and is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
         handlers.append(logging.FileHandler(os.path.join(output_dir, "run.log")))
     logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         handlers=handlers, force=True)

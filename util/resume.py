@@ -143,9 +143,16 @@ def resume(args, model, optimizer, lr_scheduler, scaler, generators):
     return unevaluated
 
 
-def save_checkpoint(output_dir, checkpoint, epoch, lr_drop):
+def save_checkpoint(output_dir, args, epoch, model, optimizer, lr_scheduler, scaler, rng_states,
+                    train_stats):
     """OUTPUT_DIR/checkpoint.pth, and checkpoint{epoch:04}.pth before each lr drop and every 100
-    epochs, each written atomically."""
+    epochs, each written atomically. `train_stats` let a run stopped in the epoch's evaluation
+    write its log.txt line when it resumes."""
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                  "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
+                  "rng_states": rng_states, "train_stats": train_stats}
+    if scaler is not None:
+        checkpoint["scaler"] = scaler.state_dict()
     save_atomic(checkpoint, output_dir / "checkpoint.pth")
-    if (epoch + 1) % lr_drop == 0 or (epoch + 1) % 100 == 0:
+    if (epoch + 1) % args.lr_drop == 0 or (epoch + 1) % 100 == 0:
         save_atomic(checkpoint, output_dir / f"checkpoint{epoch:04}.pth")
