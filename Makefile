@@ -43,7 +43,7 @@ $(VENV)/.requirements: requirements.txt $(wildcard requirements-test.txt)
 	$(PY) -m pip install --quiet -r requirements.txt $(if $(wildcard requirements-test.txt),-r requirements-test.txt)
 	touch $@
 
-# the compiled extension, rebuilt when its sources change (see "Building rpe_ops" in README.md)
+# the compiled extension, rebuilt when its sources change (see docs/rpe_ops.md)
 RPE_OPS_SOURCES := rpe_ops/setup.py $(wildcard rpe_ops/csrc/*)
 rpe_ops: rpe_ops/.built
 rpe_ops/.built: $(VENV)/.requirements $(RPE_OPS_SOURCES)

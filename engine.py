@@ -1,12 +1,20 @@
-"""One training epoch and one evaluation pass."""
+"""One training epoch, one evaluation pass, and what each epoch leaves in the output folder."""
+import json
+import logging
 import math
+import os
 
 import torch
 
 import util.misc as utils
 from util import amp
+from util.checkpoint import rng_states_kept, save_atomic
+from util.visualize import write_run_pictures
 from datasets.coco_eval import CocoEvaluator
 from datasets.panoptic_eval import PanopticEvaluator, format_table
+
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -176,3 +184,63 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
         stats.update(PQ_all=results["All"], PQ_th=results["Things"], PQ_st=results["Stuff"],
                      PQ_per_class=results["per_class"])
     return stats, coco_evaluator
+
+
+def validate(model, criterion, postprocessors, data_loader, base_ds, device, args, amp_dtype,
+             generators=()):
+    """evaluate() as main.py runs it after each epoch, with the random states of this process and
+    of `generators` handed back as they were, so that the next epoch starts from those its
+    checkpoint saved (with --num_workers 0 the transforms draw from Python's random here)."""
+    with rng_states_kept(*generators, data_loader.generator):
+        result = evaluate(model, criterion, postprocessors, data_loader, base_ds, device,
+                          print_freq=args.print_freq, coco_eval_backend=args.coco_eval_backend,
+                          amp_dtype=amp_dtype)
+    log_skipped_images(data_loader.dataset, "validation")
+    return result
+
+
+def log_skipped_images(dataset, name):
+    """With --skip_bad_images: how many unreadable images were skipped so far, over all processes."""
+    counter = getattr(dataset, "skipped", None)
+    if counter is not None:
+        count = sum(utils.all_gather(counter.value))
+        if count:
+            logger.warning("%s images skipped so far as unreadable (--skip_bad_images): %d, "
+                           "counting each time one was due", name, count)
+
+
+def save_evaluation(stats, coco_evaluator, bbox_path, panoptic_path):
+    """pycocotools' COCOeval.eval of the boxes, and PQ, SQ, RQ (all, things, stuff, per class) as
+    json when the evaluation computed them."""
+    save_atomic(coco_evaluator.coco_eval["bbox"].eval, bbox_path)
+    if "PQ_all" in stats:
+        tmp = panoptic_path.with_name(panoptic_path.name + ".tmp")
+        tmp.write_text(json.dumps({k: stats[k] for k in ("PQ_all", "PQ_th", "PQ_st", "PQ_per_class")}))
+        os.replace(tmp, panoptic_path)
+
+
+def record_epoch(output_dir, epoch, train_stats, test_stats, coco_evaluator, n_parameters):
+    """The epoch's line of OUTPUT_DIR/log.txt and its evaluation files (main process)."""
+    log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
+                 **{f"test_{k}": v for k, v in test_stats.items() if k != "PQ_per_class"},
+                 "epoch": epoch, "n_parameters": n_parameters}
+    with (output_dir / "log.txt").open("a") as f:
+        f.write(json.dumps(log_stats) + "\n")
+    (output_dir / "eval").mkdir(exist_ok=True)
+    save_evaluation(test_stats, coco_evaluator, output_dir / "eval" / "latest.pth",
+                    output_dir / "eval" / "panoptic_latest.json")
+    if epoch % 50 == 0:
+        save_atomic(coco_evaluator.coco_eval["bbox"].eval, output_dir / "eval" / f"{epoch:03}.pth")
+
+
+def write_pictures(args, output_dir, model, postprocessors, dataset, coco_api, device, curves):
+    """The end-of-run pictures (util.visualize.write_run_pictures); a failure is logged, not raised:
+    the run's results are saved by then."""
+    class_names = {i: category["name"] for i, category in coco_api.cats.items()}
+    try:
+        written = write_run_pictures(output_dir, model, postprocessors["bbox"], dataset, class_names,
+                                     device, args.vis_images, curves=curves)
+    except (OSError, ValueError, ImportError) as err:
+        logger.warning("could not write the pictures into %s: %s", output_dir, err)
+        return
+    logger.info("pictures: %s", ", ".join(str(p) for p in written))

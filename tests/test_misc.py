@@ -194,20 +194,19 @@ class _Console(io.StringIO):
         return self.tty
 
 
-COMPACT = (r"Epoch: \[3\] (\d)/5 \((\d+)%\)  eta \d+:\d\d:\d\d  loss (\d\.\d{4})  "
+COMPACT = (r"\d\d:\d\d:\d\d Epoch: \[3\] (\d)/5 \((\d+)%\)  eta \d+:\d\d:\d\d  loss (\d\.\d{4})  "
            r"class_error 12\.50  lr 1\.00e-04  \d+\.\d\d it/s")
 
 
 def _epoch_through_main_logging(tmp_path, monkeypatch, tty):
-    """Five steps of a training-like loop (print_freq 2) under main.py's logging set-up; returns
-    (what the console showed, run.log)."""
+    """Five steps of a training-like loop (print_freq 2) under main.py's logging set-up
+    (util.misc.setup_logging); returns (what the console showed, run.log)."""
     import logging
-    import main
     console = _Console(tty)
     monkeypatch.setattr("sys.stdout", console)
     root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    main.setup_logging(str(tmp_path))
+    saved = root.handlers[:], root.level, utils.progress_logger.handlers[:]
+    utils.setup_logging(str(tmp_path))
     try:
         metric_logger = utils.MetricLogger(delimiter="  ")
         metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
@@ -217,8 +216,9 @@ def _epoch_through_main_logging(tmp_path, monkeypatch, tty):
     finally:
         for handler in root.handlers:
             handler.close()
-        root.handlers[:], root.level = saved
-    return console.getvalue(), (tmp_path / "run.log").read_text()
+        root.handlers[:], root.level, utils.progress_logger.handlers[:] = saved
+    run_log = tmp_path / "run.log"
+    return console.getvalue(), run_log.read_text() if run_log.exists() else None
 
 
 def _full_lines(text):
@@ -249,13 +249,10 @@ def test_elsewhere_the_full_lines_go_to_the_console_too(tmp_path, monkeypatch):
     assert len(_full_lines(run_log)) == 3 and _full_lines(shown) == _full_lines(run_log)
 
 
-def test_only_the_main_process_writes_the_compact_line(monkeypatch):
-    console = _Console(tty=True)
+def test_only_the_main_process_writes_the_compact_line(tmp_path, monkeypatch):
     monkeypatch.setattr(utils, "get_rank", lambda: 1)
-    metric_logger = utils.MetricLogger(terminal=console)
-    for i in metric_logger.log_every(range(3), 1, "Test:"):
-        metric_logger.update(loss=1.0)
-    assert console.getvalue() == ""
+    shown, run_log = _epoch_through_main_logging(tmp_path, monkeypatch, tty=True)
+    assert shown == "" and run_log is None
 
 
 def test_compact_line_names_the_meters_it_has():

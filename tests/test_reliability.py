@@ -6,6 +6,7 @@ import zipfile
 import pytest
 import torch
 
+import engine
 import main
 from tests.mini_coco import write_mini_coco
 from tests.test_main import TINY, run_cli, run_main
@@ -86,7 +87,7 @@ def test_checkpoint_of_an_epoch_survives_a_crash_in_its_evaluation(toy_root, tmp
     def crash(*args, **kwargs):
         raise RuntimeError("evaluation crashed")
 
-    monkeypatch.setattr(main, "evaluate", crash)
+    monkeypatch.setattr(engine, "evaluate", crash)
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="evaluation crashed"):
         run_main(*SMALL_TOY, "--toy_path", toy_root, *TINY, "--output_dir", out, "--epochs", 2)

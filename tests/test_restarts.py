@@ -21,6 +21,7 @@ import pytest
 import torch
 
 import main
+from util import resume
 from datasets.toy import generate_toy_coco
 from tests.conftest import ROOT
 from tests.photo_coco import write_photo_coco
@@ -209,13 +210,13 @@ def test_interruption_message_names_only_a_checkpoint_of_this_run(tmp_path):
     stop = Interrupted(signal.SIGTERM)
     started = time.time()
     assert ("before the first epoch of this run finished"
-            in main.interruption_message(stop, args, started))
+            in resume.interruption_message(stop, args, started))
     save_atomic({"model": {}, "epoch": 3}, tmp_path / "checkpoint.pth")
     os.utime(tmp_path / "checkpoint.pth", (started - 60, started - 60))  # an older run's file
-    assert "nothing was saved" in main.interruption_message(stop, args, started)
+    assert "nothing was saved" in resume.interruption_message(stop, args, started)
     args.resume = str(tmp_path / "checkpoint.pth")  # ... unless this run resumed from it
     assert (f"the last finished epoch, 3, is saved intact in {tmp_path / 'checkpoint.pth'}"
-            in main.interruption_message(stop, args, started))
+            in resume.interruption_message(stop, args, started))
 
 
 def test_auto_resume_rule(tmp_path, monkeypatch):
@@ -224,28 +225,28 @@ def test_auto_resume_rule(tmp_path, monkeypatch):
     own = tmp_path / "checkpoint.pth"
 
     args = parse(["--output_dir", str(tmp_path), "--auto_resume", "--resume", "pretrained.pth"])
-    main.resolve_auto_resume(args)
+    resume.resolve_auto_resume(args)
     assert args.resume == "pretrained.pth"  # nothing of this run yet: --resume gives the start
     args = parse(["--output_dir", str(tmp_path), "--auto_resume"])
-    main.resolve_auto_resume(args)
+    resume.resolve_auto_resume(args)
     assert args.resume == ""  # from scratch
 
     own.write_bytes(b"")
     args = parse(["--output_dir", str(tmp_path), "--auto_resume", "--resume", "pretrained.pth"])
-    main.resolve_auto_resume(args)
+    resume.resolve_auto_resume(args)
     assert args.resume == str(own)  # the run's own checkpoint wins
     args = parse(["--output_dir", str(tmp_path), "--resume", "pretrained.pth"])
-    main.resolve_auto_resume(args)
+    resume.resolve_auto_resume(args)
     assert args.resume == "pretrained.pth"  # without --auto_resume, nothing changes
 
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # a group torchrun restarted
     args = parse(["--output_dir", str(tmp_path)])
-    main.resolve_auto_resume(args)
+    resume.resolve_auto_resume(args)
     assert args.auto_resume and args.resume == str(own)
 
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     with pytest.raises(SystemExit, match="pass --output_dir"):
-        main.resolve_auto_resume(parse(["--auto_resume"]))
+        resume.resolve_auto_resume(parse(["--auto_resume"]))
 
 
 def test_draws_inside_rng_states_kept_leave_every_stream_as_it_was():
@@ -268,13 +269,13 @@ def test_an_evaluation_cut_short_runs_again_only_for_the_run_s_own_checkpoint(tm
     args = main.get_args_parser().parse_args(["--output_dir", str(tmp_path),
                                               "--resume", str(tmp_path / "checkpoint.pth")])
     stats = {"loss": 1.5}
-    assert main.unevaluated_training(args, {"epoch": 0, "train_stats": stats}) == stats  # no log
+    assert resume.unevaluated_training(args, {"epoch": 0, "train_stats": stats}) == stats  # no log
     (tmp_path / "log.txt").write_text('{"epoch": 0}\n{"epoch": 1}\n{"epo')  # the last line cut
-    assert main.unevaluated_training(args, {"epoch": 1, "train_stats": stats}) is None
-    assert main.unevaluated_training(args, {"epoch": 2, "train_stats": stats}) == stats
-    assert main.unevaluated_training(args, {"epoch": 2}) is None  # a file without the statistics
+    assert resume.unevaluated_training(args, {"epoch": 1, "train_stats": stats}) is None
+    assert resume.unevaluated_training(args, {"epoch": 2, "train_stats": stats}) == stats
+    assert resume.unevaluated_training(args, {"epoch": 2}) is None  # a file without the statistics
     args.resume = str(tmp_path / "other" / "checkpoint.pth")  # another run's file starts this one
-    assert main.unevaluated_training(args, {"epoch": 2, "train_stats": stats}) is None
+    assert resume.unevaluated_training(args, {"epoch": 2, "train_stats": stats}) is None
 
 
 # ----------------------------------------------------------------------------------------------

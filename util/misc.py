@@ -358,17 +358,41 @@ class SmoothedValue:
                                max=self.max, value=self.value)
 
 
-class MetricLogger:
-    """A dict of SmoothedValues with a progress iterator that logs lines with an ETA.
+# the compact progress line's logger: setup_logging gives it the console when that is a terminal;
+# without a handler its INFO records go nowhere
+progress_logger = logging.getLogger("progress")
+progress_logger.propagate = False
 
-    `terminal`: the stream that shows the compact progress line (default sys.stdout), used only
-    when it is a terminal; see log_every.
+
+def setup_logging(output_dir):
+    """Log INFO on the main process (console and OUTPUT_DIR/run.log, the folder made if
+    missing); errors only elsewhere.
+
+    On a terminal the console shows the compact progress lines of MetricLogger.log_every in place
+    of its full lines, which run.log keeps. Records with extra={"file_only": True} (a failure's
+    traceback, which Python prints to the console anyway) go to run.log only.
     """
+    level = logging.INFO if is_main_process() else logging.ERROR
+    console = logging.StreamHandler(sys.stdout)
+    live = console.stream.isatty()
+    console.addFilter(lambda record: not getattr(record, "file_only", False)
+                      and not (live and getattr(record, "progress", False)))
+    handlers = [console]
+    if output_dir and is_main_process():
+        os.makedirs(output_dir, exist_ok=True)
+        handlers.append(logging.FileHandler(os.path.join(output_dir, "run.log")))
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=handlers, force=True)
+    progress_logger.handlers = [console] if live else []
+    progress_logger.setLevel(level)
 
-    def __init__(self, delimiter="  ", terminal=None):
+
+class MetricLogger:
+    """A dict of SmoothedValues with a progress iterator that logs lines with an ETA."""
+
+    def __init__(self, delimiter="  "):
         self.meters = defaultdict(SmoothedValue)
         self.delimiter = delimiter
-        self.terminal = terminal
 
     def update(self, **kwargs):
         for name, value in kwargs.items():
@@ -404,18 +428,13 @@ class MetricLogger:
             parts.append(f"mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GB")
         return self.delimiter.join(parts)
 
-    def log_every(self, iterable, print_freq, header="", log=None):
+    def log_every(self, iterable, print_freq, header=""):
         """Yield from `iterable`; every `print_freq` steps and at the end, log DETR's full line
-        (ETA, every meter, time and data time per step, peak CUDA memory).
-
-        When the console is a terminal (on the main process; `log` not given), it shows
-        compact_line instead, and the full lines are logged with extra={"file_only": True}, which
-        main.py's console handler leaves to run.log. Elsewhere (pipes, CI, Slurm logs) the full
-        lines go to the console as well.
+        (ETA, every meter, time and data time per step, peak CUDA memory) with
+        extra={"progress": True}, and the compact_line to `progress_logger`. Under setup_logging a
+        terminal shows the compact lines and run.log the full ones; elsewhere (pipes, CI, Slurm
+        logs) the full lines go to the console as well.
         """
-        terminal = self.terminal or sys.stdout
-        live = log is None and is_main_process() and terminal.isatty()
-        log = log or logger.info
         total = len(iterable)
         width = len(str(total))
         start = end = time.time()
@@ -431,16 +450,13 @@ class MetricLogger:
                          f"time: {iter_time}", f"data: {data_time}"]
                 if torch.cuda.is_available():
                     parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
-                if live:
-                    log(self.delimiter.join(parts), extra={"file_only": True})
-                    terminal.write(self.compact_line(header, i + 1, total, eta,
-                                                     1 / max(iter_time.avg, 1e-9)) + "\n")
-                    terminal.flush()
-                else:
-                    log(self.delimiter.join(parts))
+                logger.info(self.delimiter.join(parts), extra={"progress": True})
+                if progress_logger.isEnabledFor(logging.INFO) and progress_logger.handlers:
+                    progress_logger.info(self.compact_line(header, i + 1, total, eta,
+                                                           1 / max(iter_time.avg, 1e-9)))
             end = time.time()
         total_time = datetime.timedelta(seconds=int(time.time() - start))
-        log(f"{header} Total time: {total_time} ({(time.time() - start) / max(total, 1):.4f} s / it)")
+        logger.info(f"{header} Total time: {total_time} ({(time.time() - start) / max(total, 1):.4f} s / it)")
 
 
 @torch.no_grad()
