@@ -383,7 +383,8 @@ def write_pictures(args, output_dir, model, postprocessors, dataset, coco_api, d
     class_names = {i: category["name"] for i, category in coco_api.cats.items()}
     try:
         written = write_run_pictures(output_dir, model, postprocessors["bbox"], dataset, class_names,
-                                     device, args.vis_images, curves=curves)
+                                     device, args.vis_images, curves=curves,
+                                     panoptic_postprocessor=postprocessors.get("panoptic"))
     except (OSError, ValueError, ImportError) as err:
         logger.warning("could not write the pictures into %s: %s", output_dir, err)
         return
