@@ -145,15 +145,15 @@ def model_options(checkpoint, command_line, device):
 
 def load_model(checkpoint_path, command_line, device, masks=False):
     """(model in eval mode on `device`, PostProcess, {category id: name}, options) of a
-    checkpoint. `masks` builds a segmentation model from a file without args; a file whose args
-    say it has no mask head is refused then."""
+    checkpoint. `masks` builds a segmentation model from a file without args; for a file whose
+    args say it has no mask head it is ignored (with a warning: its boxes are drawn)."""
     checkpoint = load_checkpoint(checkpoint_path)
     options = model_options(checkpoint, command_line, device)
     if masks and checkpoint.get("args") is None:
         options.masks = True
     elif masks and not getattr(options, "masks", False):
-        raise SystemExit(f"error: --masks: {checkpoint_path} is a detector without a mask head "
-                         f"(trained without --masks)")
+        logger.warning("--masks: %s is a detector without a mask head (trained without --masks): "
+                       "drawing its boxes", checkpoint_path)
     options.num_classes = options.num_classes or num_classes_for(options.dataset_file)
     model, _, postprocessors = build_model(options)
     check_compatible(model, checkpoint, options)

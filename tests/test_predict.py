@@ -270,9 +270,13 @@ def test_predict_masks_equal_postprocess_panoptic(photos, tmp_path):
     assert kinds == {0, 1}  # things and stuff were both found
 
 
-def test_masks_refused_for_a_detector(photos, tmp_path):
-    model, args = zoo_model()
+def test_masks_of_a_detector_draw_its_boxes(photos, tmp_path, capsys):
+    model, args = zoo_model(biases={1: 6.0})
     checkpoint = save_zoo_file(tmp_path / "zoo.pth", model, args)
-    with pytest.raises(SystemExit, match="detector without a mask head"):
-        predict.run(list(map(str, ["--resume", checkpoint, "--images", photos[1], "--masks",
-                                   "--output_dir", tmp_path / "out", "--device", "cpu"])))
+    out = tmp_path / "out"
+    found = predict.run(list(map(str, ["--resume", checkpoint, "--images", photos[1], "--masks",
+                                       "--output_dir", out, "--device", "cpu", "--size", SIZE,
+                                       "--max_size", MAX_SIZE, "--threshold", 0.1])))
+    assert "detector without a mask head" in capsys.readouterr().out
+    assert found and (out / "camera.png").is_file()
+    assert not (out / "panoptic").exists() and not (out / "panoptic.json").exists()

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from PIL import Image
 
 import main
 
@@ -12,6 +13,7 @@ from tests.mini_coco import write_mini_coco
 from tests.mini_panoptic import add_instance_masks, write_mini_panoptic
 from tests.test_main import run_main
 from util.checkpoint import load_checkpoint
+from util.visualize import HEADER, PADDING
 
 # the smallest model the mask head allows (GroupNorm with 8 groups)
 TINY_MASKS = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "128",
@@ -31,7 +33,13 @@ def test_toy_panoptic_detector_then_frozen_mask_head_then_eval(tmp_path):
     detector = load_checkpoint(tmp_path / "detector" / "checkpoint.pth")["model"]
 
     stats = run_main(*toy, "--output_dir", tmp_path / "masks", "--enc_rpe2d", "rpe-2.0-product-ctx-1-k",
-                     "--masks", "--frozen_weights", tmp_path / "detector" / "checkpoint.pth")
+                     "--masks", "--frozen_weights", tmp_path / "detector" / "checkpoint.pth",
+                     "--vis_images", "2")
+    # the pictures of a panoptic run: image, truth and prediction side by side; PQ in the curves
+    with Image.open(tmp_path / "masks" / "panoptic.png") as picture:
+        assert picture.width == 6 * 192 + 7 * PADDING and picture.height == HEADER + 192 + 2 * PADDING
+    with Image.open(tmp_path / "masks" / "curves.png") as curves:
+        assert curves.size == (1200, 1000)  # three rows of panels
     log = _log(tmp_path / "masks")[0]
     for key in ("test_PQ_all", "test_PQ_th", "test_PQ_st"):
         assert set(log[key]) == {"pq", "sq", "rq", "n"}
