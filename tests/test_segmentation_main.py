@@ -118,3 +118,30 @@ def test_options_that_do_not_fit_get_one_message(argv, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         run_main(*TINY_MASKS, "--toy_path", tmp_path / "toy", "--toy_num_train", "2",
                  "--toy_num_val", "2", "--eval", *argv)
+
+
+def test_docs_panoptic_demo_commands_are_the_makefiles():
+    """docs/segmentation.md shows the two commands `make panoptic_demo` runs: the same options."""
+    import re
+    import shlex
+    from tests.conftest import ROOT
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        make = f.read().replace("\\\n", " ")
+    variables = dict(re.findall(r"^(\w+)\s*[?:]?=\s*(.*)$", make, flags=re.MULTILINE))
+    recipe = make[make.index("panoptic_demo: setup"):make.index("\ntest:")]
+
+    def expand(text):
+        while "$(" in text:
+            text = re.sub(r"\$\((\w+)\)", lambda m: variables[m.group(1)], text)
+        return text
+    made = [shlex.split(expand(line))[1:] for line in recipe.splitlines() if "main.py" in line]
+
+    with open(os.path.join(ROOT, "docs", "segmentation.md")) as f:
+        docs = f.read()
+    block = docs[docs.index('ARGS="--dataset_file toy_panoptic'):].split("```")[0].replace("\\\n", " ")
+    args = re.search(r'ARGS="([^"]*)"', block).group(1)
+    shown = [shlex.split(line.replace("$ARGS", args))[1:] for line in block.splitlines()
+             if line.startswith("python main.py")]
+    assert len(made) == len(shown) == 2
+    for got, want in zip(shown, made):
+        assert got == want and got[0] == "main.py"
