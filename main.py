@@ -380,7 +380,9 @@ def unevaluated_training(args, checkpoint):
 def write_pictures(args, output_dir, model, postprocessors, dataset, coco_api, device, curves):
     """The end-of-run pictures (util.visualize.write_run_pictures); a failure is logged, not raised:
     the run's results are saved by then."""
-    class_names = {i: category["name"] for i, category in coco_api.cats.items()}
+    # the data's own names (panoptic data: stuff too), else those of the box ground truth
+    class_names = (getattr(args, "category_names", None)
+                   or {i: category["name"] for i, category in coco_api.cats.items()})
     try:
         written = write_run_pictures(output_dir, model, postprocessors["bbox"], dataset, class_names,
                                      device, args.vis_images, curves=curves,
