@@ -232,7 +232,7 @@ def test_label_point_lies_inside_a_bent_segment():
 
 def test_curves_of_a_panoptic_run_add_masks_and_panoptic_quality(tmp_path):
     record = {f"{split}_{key}": 1.0 for _, key in plot_utils.LOG_PANELS for split in ("train", "test")}
-    pq = {"pq": 50.0, "sq": 80.0, "rq": 60.0, "n": 3}
+    pq = {"pq": 0.5, "sq": 0.8, "rq": 0.6, "n": 3}
     lines = [dict(record, epoch=e, train_loss_mask=0.1, train_loss_dice=0.3,
                   test_coco_eval_bbox=[0.5] * 12, test_coco_eval_masks=[0.4] * 12,
                   test_PQ_all=pq, test_PQ_th=pq, test_PQ_st=pq) for e in range(3)]

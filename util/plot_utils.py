@@ -108,7 +108,7 @@ def plot_logs(folders, out, names=None):
                      name, "mask")
         if panoptic:
             for label, key, style in PQ_ENTRIES:
-                values = [r["pq"] for r in _column(records, key, path)]
+                values = [100 * r["pq"] for r in _column(records, key, path)]  # logged as fractions
                 axes[2, 2].plot(epochs, values, style, color=colour, marker=".",
                                 label=f"{name} {label}")
     if masks:
