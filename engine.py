@@ -236,10 +236,13 @@ def record_epoch(output_dir, epoch, train_stats, test_stats, coco_evaluator, n_p
 def write_pictures(args, output_dir, model, postprocessors, dataset, coco_api, device, curves):
     """The end-of-run pictures (util.visualize.write_run_pictures); a failure is logged, not raised:
     the run's results are saved by then."""
-    class_names = {i: category["name"] for i, category in coco_api.cats.items()}
+    # the data's own names (panoptic data: stuff too), else those of the box ground truth
+    class_names = (getattr(args, "category_names", None)
+                   or {i: category["name"] for i, category in coco_api.cats.items()})
     try:
         written = write_run_pictures(output_dir, model, postprocessors["bbox"], dataset, class_names,
-                                     device, args.vis_images, curves=curves)
+                                     device, args.vis_images, curves=curves,
+                                     panoptic_postprocessor=postprocessors.get("panoptic"))
     except (OSError, ValueError, ImportError) as err:
         logger.warning("could not write the pictures into %s: %s", output_dir, err)
         return

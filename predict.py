@@ -2,11 +2,17 @@
 
     python predict.py --resume rpe-2.0-product-ctx-1-k.pth --images photos/ street.jpg \
         --output_dir predictions [--threshold 0.7] [--device cpu] [--batch_size 4] [--attention]
+        [--masks]
 
 Writes OUTPUT_DIR/predictions.json (COCO results: image_id, category_id, bbox [x, y, w, h] in the
 image's pixels, score; plus file_name and category_name) and OUTPUT_DIR/<image name>.png with the
 boxes, class names and scores drawn; with --attention also OUTPUT_DIR/attention/<image name>.png,
 the last encoder layer's self-attention (iRPE included) seen from the centres of the best boxes.
+
+A checkpoint with a mask head (trained with --masks) is drawn as its panoptic segmentation
+instead: OUTPUT_DIR/<image name>.png gets the segments filled in their class colours and named,
+OUTPUT_DIR/panoptic/<image name>.png is the COCO panoptic PNG (segment id R + 256 G + 256^2 B,
+0 where nothing was kept) and OUTPUT_DIR/panoptic.json its segments, in COCO panoptic format.
 
 The model options come from the checkpoint's args; a file without args (a bare state_dict) needs
 main.py's model options (--enc_rpe2d, --backbone, --num_classes, ...) on the command line.
@@ -16,21 +22,26 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import sys
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 import datasets.transforms as T
-from datasets import num_classes_for
+from datasets import is_thing_map_for, num_classes_for
 from datasets.coco_names import COCO_CATEGORY_NAMES
 from main import get_args_parser as main_args_parser
 from models import build_model
+from models.segmentation import PostProcessPanoptic
 from util.attention_maps import capture_encoder_attention
 from util.checkpoint import CheckpointError, check_compatible, load_checkpoint
 from util.misc import nested_tensor_from_tensor_list
+from util.panoptic import id_to_rgb
+from util.panoptic_pictures import draw_panoptic, panoptic_from_png
 from util.visualize import draw_detections
 
 logger = logging.getLogger("predict")
@@ -57,6 +68,10 @@ def get_args_parser():
                         help="also draw the last encoder layer's attention from a few points")
     parser.add_argument("--attention_points", type=int, default=3,
                         help="how many points (the centres of the best-scoring boxes)")
+    parser.add_argument("--masks", action="store_true",
+                        help="draw the panoptic segmentation and write COCO panoptic PNGs and "
+                             "panoptic.json (the default for a checkpoint trained with --masks; "
+                             "a file without args needs it)")
     return parser
 
 
@@ -128,10 +143,17 @@ def model_options(checkpoint, command_line, device):
     return options
 
 
-def load_model(checkpoint_path, command_line, device):
-    """(model in eval mode on `device`, PostProcess, {category id: name}) of a checkpoint."""
+def load_model(checkpoint_path, command_line, device, masks=False):
+    """(model in eval mode on `device`, PostProcess, {category id: name}, options) of a
+    checkpoint. `masks` builds a segmentation model from a file without args; for a file whose
+    args say it has no mask head it is ignored (with a warning: its boxes are drawn)."""
     checkpoint = load_checkpoint(checkpoint_path)
     options = model_options(checkpoint, command_line, device)
+    if masks and checkpoint.get("args") is None:
+        options.masks = True
+    elif masks and not getattr(options, "masks", False):
+        logger.warning("--masks: %s is a detector without a mask head (trained without --masks): "
+                       "drawing its boxes", checkpoint_path)
     options.num_classes = options.num_classes or num_classes_for(options.dataset_file)
     model, _, postprocessors = build_model(options)
     check_compatible(model, checkpoint, options)
@@ -139,7 +161,19 @@ def load_model(checkpoint_path, command_line, device):
     names = getattr(options, "category_names", None)
     if not names:  # COCO's names are the right ones only for a COCO-sized classifier
         names = COCO_CATEGORY_NAMES if options.num_classes == num_classes_for("coco") else {}
-    return model.eval().to(device), postprocessors["bbox"], {int(k): str(v) for k, v in names.items()}
+    names = {int(k): str(v) for k, v in names.items()}
+    return model.eval().to(device), postprocessors["bbox"], names, options
+
+
+def thing_map(options):
+    """{category id: is a thing} of a segmentation model: the one it was trained with, that of
+    its data set, or (instance segmentation, as on COCO with --masks) every class a thing."""
+    found = getattr(options, "is_thing_map", None)
+    if found is None and options.dataset_file in ("coco_panoptic", "toy_panoptic"):
+        found = is_thing_map_for(options.dataset_file)
+    if found is None:
+        found = {i: True for i in range(options.num_classes)}
+    return {int(k): bool(v) for k, v in found.items()}
 
 
 def coco_results(found, image_id, file_name, threshold, category_names):
@@ -226,6 +260,67 @@ def save_attention_figure(path, image, points, maps, extent, labels):
 
 
 # ----------------------------------------------------------------------------------------------
+# Panoptic segmentation (checkpoints with a mask head)
+
+def image_outputs(outputs, index, size, padded_size):
+    """Image `index`'s outputs of a batch, its mask logits cut to the part that covers the image
+    ((h, w) `size` of the (H, W) `padded_size` batch), so that PostProcessPanoptic, which resizes
+    the masks it is given to the image, sees no padding."""
+    masks = outputs["pred_masks"][index:index + 1]
+    rows = math.ceil(masks.shape[-2] * size[0] / padded_size[0])
+    cols = math.ceil(masks.shape[-1] * size[1] / padded_size[1])
+    return {"pred_logits": outputs["pred_logits"][index:index + 1],
+            "pred_masks": masks[..., :rows, :cols]}
+
+
+def coco_panoptic_segments(ids, segments_info, category_names):
+    """PostProcessPanoptic's id image (segment k has id k) and segments -> the COCO panoptic id
+    image (segment ids from 1, 0 where no segment is) and its segments_info."""
+    ids = np.asarray(ids, dtype=np.int64)
+    coco_ids = np.zeros_like(ids)
+    segments = []
+    for segment in segments_info:
+        inside = ids == segment["id"]
+        if not inside.any():
+            continue
+        new_id = len(segments) + 1
+        coco_ids[inside] = new_id
+        ys, xs = np.nonzero(inside)
+        x0, y0 = int(xs.min()), int(ys.min())
+        category = int(segment["category_id"])
+        segments.append({"id": new_id, "category_id": category,
+                         "category_name": category_names.get(category, f"class {category}"),
+                         "isthing": int(bool(segment["isthing"])), "iscrowd": 0,
+                         "area": int(inside.sum()),
+                         "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0]})
+    return coco_ids, segments
+
+
+def save_panoptic(args, name, image, prediction, category_names):
+    """The picture with the segments drawn, and the COCO panoptic PNG; returns the annotation."""
+    ids, segments_info = panoptic_from_png(prediction)
+    coco_ids, segments = coco_panoptic_segments(ids, segments_info, category_names)
+    drawn = draw_panoptic(TF.pil_to_tensor(image), coco_ids, segments, category_names,
+                          size=max(image.size))
+    TF.to_pil_image(drawn).save(os.path.join(args.output_dir, f"{name}.png"))
+    Image.fromarray(id_to_rgb(coco_ids)).save(os.path.join(args.output_dir, "panoptic", f"{name}.png"))
+    return {"file_name": f"{name}.png", "segments_info": segments}
+
+
+def write_panoptic_json(args, paths, images, annotations, is_thing, category_names):
+    categories = [{"id": k, "name": category_names.get(k, f"class {k}"), "isthing": int(is_thing[k])}
+                  for k in sorted(set(category_names) | {s["category_id"] for a in annotations
+                                                         for s in a["segments_info"]})
+                  if k in is_thing]
+    data = {"images": [{"id": k + 1, "file_name": path, "width": width, "height": height}
+                       for k, (path, (width, height)) in enumerate(zip(paths, images))],
+            "annotations": [dict(image_id=k + 1, **a) for k, a in enumerate(annotations)],
+            "categories": categories}
+    with open(os.path.join(args.output_dir, "panoptic.json"), "w") as f:
+        json.dump(data, f)
+
+
+# ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def predict(args, model_command_line):
@@ -242,13 +337,19 @@ def predict(args, model_command_line):
     if clash is not None:
         raise SystemExit(f"error: writing {clash}.png into --output_dir {args.output_dir} would "
                          f"overwrite an input picture; choose another --output_dir")
-    model, postprocess, category_names = load_model(args.resume, model_command_line, device)
+    model, postprocess, category_names, options = load_model(args.resume, model_command_line,
+                                                             device, masks=args.masks)
+    masks = bool(getattr(options, "masks", False))
+    is_thing = thing_map(options) if masks else None
+    panoptic = PostProcessPanoptic(is_thing, threshold=args.threshold) if masks else None
     transform = make_transform(args.size, args.max_size)
     os.makedirs(args.output_dir, exist_ok=True)
     if args.attention:
         os.makedirs(os.path.join(args.output_dir, "attention"), exist_ok=True)
+    if masks:
+        os.makedirs(os.path.join(args.output_dir, "panoptic"), exist_ok=True)
 
-    results = []
+    results, annotations, image_sizes = [], [], []
     for start in range(0, len(paths), args.batch_size):
         batch = range(start, min(start + args.batch_size, len(paths)))
         images = [read_image(paths[k]) for k in batch]
@@ -261,8 +362,16 @@ def predict(args, model_command_line):
         for i, (k, found) in enumerate(zip(batch, postprocess(outputs, orig_sizes))):
             detections = coco_results(found, k + 1, paths[k], args.threshold, category_names)
             results += detections
-            picture = draw_picture(images[i], detections)
-            picture.save(os.path.join(args.output_dir, f"{names[k]}.png"))
+            image_sizes.append(images[i].size)
+            if masks:
+                size = tuple(tensors[i].shape[-2:])
+                prediction = panoptic(image_outputs(outputs, i, size, samples.tensors.shape[-2:]),
+                                      [size], [(images[i].height, images[i].width)])[0]
+                annotations.append(save_panoptic(args, names[k], images[i], prediction,
+                                                 category_names))
+            else:
+                draw_picture(images[i], detections).save(os.path.join(args.output_dir,
+                                                                      f"{names[k]}.png"))
             if args.attention:
                 save_attention(os.path.join(args.output_dir, "attention", f"{names[k]}.png"),
                                images[i], found, captured, i, args.attention_points, category_names,
@@ -272,6 +381,12 @@ def predict(args, model_command_line):
 
     with open(os.path.join(args.output_dir, "predictions.json"), "w") as f:
         json.dump(results, f)
+    if masks:
+        write_panoptic_json(args, paths, image_sizes, annotations, is_thing, category_names)
+        logger.info("%d segments in %d images: %s, the COCO panoptic PNGs in %s",
+                    sum(len(a["segments_info"]) for a in annotations), len(paths),
+                    os.path.join(args.output_dir, "panoptic.json"),
+                    os.path.join(args.output_dir, "panoptic"))
     logger.info("%d detections above %.2f in %d images: %s and one PNG per image in %s",
                 len(results), args.threshold, len(paths),
                 os.path.join(args.output_dir, "predictions.json"), args.output_dir)

@@ -166,3 +166,79 @@ def test_predictions_picture_puts_truth_left_and_predictions_right():
     # nothing else drawn on the right: the second query scores "no object"
     for other in set(PALETTE) - {class_colour(2)}:
         assert not is_colour(right_cell, other).any(), other
+
+
+# ----------------------------------------------------------------------------------------------
+# Panoptic pictures and the curves of a run with masks
+
+class FixedSegmenter(nn.Module):
+    """Two queries: class 1 (a thing) owning the bottom-right quarter, class 2 (stuff) the rest."""
+
+    def forward(self, samples):
+        batch = samples.tensors.shape[0]
+        logits = torch.tensor([[-9.0, 9.0, -9.0, -9.0], [-9.0, -9.0, 9.0, -9.0]])
+        masks = torch.full((2, 16, 16), -5.0)
+        masks[0, 8:, 8:] = 5.0
+        masks[1] = -masks[0]
+        return {"pred_logits": logits.expand(batch, -1, -1), "pred_masks": masks.expand(batch, -1, -1, -1)}
+
+
+def blended(colour, grey=128, alpha=0.6):
+    return torch.tensor([grey * (1 - alpha) + c * alpha for c in colour])
+
+
+def test_panoptic_picture_puts_image_truth_and_prediction_side_by_side():
+    from models.segmentation import PostProcessPanoptic
+    from util.panoptic_pictures import panoptic_picture, segment_colour
+    grey = torch.full((3, 64, 64), 128 / 255)
+    image = (grey - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) \
+        / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    masks[0, :32, :32] = True  # the truth: the thing at the top left
+    masks[1] = ~masks[0]
+    target = {"masks": masks, "labels": torch.tensor([1, 2]), "size": torch.tensor([64, 64])}
+    picture = panoptic_picture(FixedSegmenter(), PostProcessPanoptic({1: True, 2: False}),
+                               [(image, target)], {1: "one", 2: "two"}, "cpu", size=128)
+    assert picture.shape == (3, HEADER + 128 + 2 * PADDING, 3 * 128 + 4 * PADDING)
+    top = HEADER + PADDING
+    cells = [picture[:, top:top + 128, PADDING + k * (128 + PADDING):PADDING + k * (128 + PADDING) + 128]
+             .float() for k in range(3)]
+    thing, stuff = blended(segment_colour(1)), blended(segment_colour(2))
+
+    def colour_at(cell, y, x):
+        return cell[:, y, x]
+
+    # the image as it is; the thing at the top left in the truth, at the bottom right predicted
+    # (corners of the quarters, away from the names written in the middle of each segment)
+    assert (cells[0] - 128).abs().max() <= 1
+    for (y, x), want_truth, want_predicted in (((4, 4), thing, stuff), ((124, 124), stuff, thing),
+                                               ((4, 124), stuff, stuff), ((60, 60), thing, stuff),
+                                               ((68, 68), stuff, thing)):
+        torch.testing.assert_close(colour_at(cells[1], y, x), want_truth, atol=1.5, rtol=0)
+        torch.testing.assert_close(colour_at(cells[2], y, x), want_predicted, atol=1.5, rtol=0)
+    # the names are written in white inside their segments
+    white = (cells[2] > 250).all(0)
+    assert white[64:, 64:].any() and white[:64].any() and not white[64:, :40].any()
+
+
+def test_label_point_lies_inside_a_bent_segment():
+    from util.panoptic_pictures import _label_point
+    mask = torch.zeros(40, 40, dtype=torch.bool)
+    mask[:, :12] = True
+    mask[28:, :] = True  # an L whose centre of mass is outside it
+    x, y = _label_point(mask)
+    assert mask[y, x] and 3 <= x <= 36 and 3 <= y <= 36  # inside, away from the edges
+
+
+def test_curves_of_a_panoptic_run_add_masks_and_panoptic_quality(tmp_path):
+    record = {f"{split}_{key}": 1.0 for _, key in plot_utils.LOG_PANELS for split in ("train", "test")}
+    pq = {"pq": 0.5, "sq": 0.8, "rq": 0.6, "n": 3}
+    lines = [dict(record, epoch=e, train_loss_mask=0.1, train_loss_dice=0.3,
+                  test_coco_eval_bbox=[0.5] * 12, test_coco_eval_masks=[0.4] * 12,
+                  test_PQ_all=pq, test_PQ_th=pq, test_PQ_st=pq) for e in range(3)]
+    (tmp_path / "log.txt").write_text("\n".join(json.dumps(r) for r in lines))
+    assert png_size(plot_utils.plot_logs([tmp_path], tmp_path / "c.png")) == (1200, 1000)
+    del lines[1]["test_PQ_th"]
+    (tmp_path / "log.txt").write_text("\n".join(json.dumps(r) for r in lines))
+    with pytest.raises(ValueError, match="no 'test_PQ_th' at epoch"):
+        plot_utils.plot_logs([tmp_path], tmp_path / "c.png")

@@ -1,4 +1,5 @@
 """predict.py on real photographs (scikit-image's bundled samples) with a model-zoo format file."""
+import io
 import json
 import os
 import shutil
@@ -191,3 +192,91 @@ def test_attention_map_of_a_point_is_its_cells_row():
     expected = torch.zeros(2, 2, 4)
     expected[0, 1, 3] = expected[1, 1, 0] = 1
     assert torch.equal(torch.stack(maps), expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# --masks: a segmentation checkpoint
+
+def segmentation_model(photo):
+    """A tiny model with a mask head for the toy panoptic classes and its options. Its classifier
+    is left with two classes, 1 (a thing) and 4 (stuff), balanced on `photo` so that about half
+    of the queries take each, every query scoring at least 0.5."""
+    from datasets.toy_panoptic import is_thing_map, panoptic_categories
+    from tests.test_segmentation_main import TINY_MASKS
+    args = main.get_args_parser().parse_args([*TINY_MASKS, *RPE, "--masks", "--num_classes", "6",
+                                              "--dataset_file", "toy_panoptic"])
+    args.is_thing_map = is_thing_map()
+    args.category_names = {c["id"]: c["name"] for c in panoptic_categories()}
+    torch.manual_seed(3)
+    model, _, _ = build_model(args)
+    with torch.no_grad():
+        model.detr.class_embed.bias.copy_(torch.tensor([-20.0, 0, -20, -20, 0, -20, -20]))
+        transform = T.Compose([T.RandomResize([SIZE], max_size=MAX_SIZE), T.normalize_transform()])
+        logits = model.eval()([transform(Image.open(photo).convert("RGB"), None)[0]])["pred_logits"]
+        model.detr.class_embed.bias[1] += (logits[0, :, 4] - logits[0, :, 1]).median()
+    return model, args
+
+
+def test_predict_masks_equal_postprocess_panoptic(photos, tmp_path):
+    from models.segmentation import PostProcessPanoptic
+    from util.panoptic import rgb_to_id
+    model, args = segmentation_model(os.path.join(PHOTOS, "astronaut.png"))
+    checkpoint = save_zoo_file(tmp_path / "segm.pth", model, args)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    # a and b are square (one unpadded batch of two), c is a batch of its own
+    for name, source in (("a.png", "astronaut.png"), ("b.png", "camera.png"), ("c.png", "coffee.png")):
+        shutil.copy(os.path.join(PHOTOS, source), folder / name)
+    out = tmp_path / "out"
+    predict.run(list(map(str, ["--resume", checkpoint, "--images", folder, "--output_dir", out,
+                               "--threshold", 0.45, "--device", "cpu", "--batch_size", 2,
+                               "--size", SIZE, "--max_size", MAX_SIZE])))  # no --masks: from args
+
+    transform = T.Compose([T.RandomResize([SIZE], max_size=MAX_SIZE), T.normalize_transform()])
+    postprocess = PostProcessPanoptic(args.is_thing_map, threshold=0.45)
+    data = json.loads((out / "panoptic.json").read_text())
+    assert [a["file_name"] for a in data["annotations"]] == ["a.png", "b.png", "c.png"]
+    assert {c["id"]: (c["name"], c["isthing"]) for c in data["categories"]} == {
+        1: ("rectangle", 1), 2: ("circle", 1), 3: ("triangle", 1), 4: ("upper background", 0),
+        5: ("lower background", 0)}
+    kinds = set()
+    for batch in (["a", "b"], ["c"]):
+        images = [Image.open(folder / f"{n}.png").convert("RGB") for n in batch]
+        with torch.no_grad():
+            outputs = model(nested_tensor_from_tensor_list([transform(im, None)[0] for im in images]))
+        sizes = [transform(im, None)[0].shape[-2:] for im in images]
+        expected = postprocess(outputs, sizes, [(im.height, im.width) for im in images])
+        for name, image, want in zip(batch, images, expected):
+            want_ids = rgb_to_id(np.asarray(Image.open(io.BytesIO(want["png_string"]))))
+            annotation = next(a for a in data["annotations"] if a["file_name"] == f"{name}.png")
+            with Image.open(out / "panoptic" / f"{name}.png") as png:
+                got_ids = rgb_to_id(np.asarray(png))
+            assert got_ids.shape == (image.height, image.width)
+            # the file's segment k + 1 is the post-processing's segment k that covers pixels
+            kept = [s for s in want["segments_info"] if (want_ids == s["id"]).any()]
+            assert len(annotation["segments_info"]) == len(kept) >= 2
+            for got, ref in zip(annotation["segments_info"], kept):
+                mask = want_ids == ref["id"]
+                assert np.array_equal(got_ids == got["id"], mask), name
+                assert (got["category_id"], got["isthing"], got["area"]) == (
+                    ref["category_id"], int(ref["isthing"]), int(mask.sum()))
+                ys, xs = np.nonzero(mask)
+                assert got["bbox"] == [xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min()]
+                assert got["category_name"] == args.category_names[ref["category_id"]]
+                kinds.add(got["isthing"])
+            assert (got_ids == 0).sum() == (~np.isin(want_ids, [s["id"] for s in kept])).sum()
+            with Image.open(out / f"{name}.png") as drawn:  # the segments drawn over the photo
+                assert drawn.size == image.size and pixels_differ(drawn, image)
+    assert kinds == {0, 1}  # things and stuff were both found
+
+
+def test_masks_of_a_detector_draw_its_boxes(photos, tmp_path, capsys):
+    model, args = zoo_model(biases={1: 6.0})
+    checkpoint = save_zoo_file(tmp_path / "zoo.pth", model, args)
+    out = tmp_path / "out"
+    found = predict.run(list(map(str, ["--resume", checkpoint, "--images", photos[1], "--masks",
+                                       "--output_dir", out, "--device", "cpu", "--size", SIZE,
+                                       "--max_size", MAX_SIZE, "--threshold", 0.1])))
+    assert "detector without a mask head" in capsys.readouterr().out
+    assert found and (out / "camera.png").is_file()
+    assert not (out / "panoptic").exists() and not (out / "panoptic.json").exists()

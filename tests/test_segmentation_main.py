@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from PIL import Image
 
 import main
 
@@ -12,6 +13,7 @@ from tests.mini_coco import write_mini_coco
 from tests.mini_panoptic import add_instance_masks, write_mini_panoptic
 from tests.test_main import run_main
 from util.checkpoint import load_checkpoint
+from util.visualize import HEADER, PADDING
 
 # the smallest model the mask head allows (GroupNorm with 8 groups)
 TINY_MASKS = ["--backbone", "resnet18", "--backbone_weights", "none", "--hidden_dim", "128",
@@ -31,7 +33,13 @@ def test_toy_panoptic_detector_then_frozen_mask_head_then_eval(tmp_path):
     detector = load_checkpoint(tmp_path / "detector" / "checkpoint.pth")["model"]
 
     stats = run_main(*toy, "--output_dir", tmp_path / "masks", "--enc_rpe2d", "rpe-2.0-product-ctx-1-k",
-                     "--masks", "--frozen_weights", tmp_path / "detector" / "checkpoint.pth")
+                     "--masks", "--frozen_weights", tmp_path / "detector" / "checkpoint.pth",
+                     "--vis_images", "2")
+    # the pictures of a panoptic run: image, truth and prediction side by side; PQ in the curves
+    with Image.open(tmp_path / "masks" / "panoptic.png") as picture:
+        assert picture.width == 6 * 192 + 7 * PADDING and picture.height == HEADER + 192 + 2 * PADDING
+    with Image.open(tmp_path / "masks" / "curves.png") as curves:
+        assert curves.size == (1200, 1000)  # three rows of panels
     log = _log(tmp_path / "masks")[0]
     for key in ("test_PQ_all", "test_PQ_th", "test_PQ_st"):
         assert set(log[key]) == {"pq", "sq", "rq", "n"}
@@ -110,3 +118,30 @@ def test_options_that_do_not_fit_get_one_message(argv, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         run_main(*TINY_MASKS, "--toy_path", tmp_path / "toy", "--toy_num_train", "2",
                  "--toy_num_val", "2", "--eval", *argv)
+
+
+def test_docs_panoptic_demo_commands_are_the_makefiles():
+    """docs/segmentation.md shows the two commands `make panoptic_demo` runs: the same options."""
+    import re
+    import shlex
+    from tests.conftest import ROOT
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        make = f.read().replace("\\\n", " ")
+    variables = dict(re.findall(r"^(\w+)\s*[?:]?=\s*(.*)$", make, flags=re.MULTILINE))
+    recipe = make[make.index("panoptic_demo: setup"):make.index("\ntest:")]
+
+    def expand(text):
+        while "$(" in text:
+            text = re.sub(r"\$\((\w+)\)", lambda m: variables[m.group(1)], text)
+        return text
+    made = [shlex.split(expand(line))[1:] for line in recipe.splitlines() if "main.py" in line]
+
+    with open(os.path.join(ROOT, "docs", "segmentation.md")) as f:
+        docs = f.read()
+    block = docs[docs.index('ARGS="--dataset_file toy_panoptic'):].split("```")[0].replace("\\\n", " ")
+    args = re.search(r'ARGS="([^"]*)"', block).group(1)
+    shown = [shlex.split(line.replace("$ARGS", args))[1:] for line in block.splitlines()
+             if line.startswith("python main.py")]
+    assert len(made) == len(shown) == 2
+    for got, want in zip(shown, made):
+        assert got == want and got[0] == "main.py"

@@ -19,8 +19,12 @@ import torch
 LOG_PANELS = (("loss (weighted sum)", "loss"), ("classification loss", "loss_ce"),
               ("L1 box loss", "loss_bbox"), ("GIoU loss", "loss_giou"),
               ("class error (%)", "class_error"))
-# entries of COCOeval.stats (log key test_coco_eval_bbox) drawn in the AP panel
+# entries of COCOeval.stats (log keys test_coco_eval_bbox, test_coco_eval_masks) drawn in the AP panels
 AP_ENTRIES = (("AP", 0, "-"), ("AP50", 1, "--"), ("AP75", 2, ":"))
+# panoptic quality per epoch (log keys test_PQ_all, ...: {'pq', 'sq', 'rq', 'n'}), for runs with masks
+PQ_ENTRIES = (("PQ", "test_PQ_all", "-"), ("PQ things", "test_PQ_th", "--"),
+              ("PQ stuff", "test_PQ_st", ":"))
+MASK_LOSSES = (("focal", "loss_mask", "-"), ("dice", "loss_dice", "--"))
 
 
 def _pyplot():
@@ -70,7 +74,9 @@ def _column(records, key, path):
 
 def plot_logs(folders, out, names=None):
     """One figure of losses, class error and AP per epoch, one colour per folder (train solid,
-    validation dashed); saved to `out` (PNG). Returns `out`."""
+    validation dashed); saved to `out` (PNG). Returns `out`. When every folder is a run with
+    masks (its log has mask AP), a third row adds the mask losses, mask AP and, for panoptic
+    data, PQ (all, things, stuff)."""
     folders = [Path(f) for f in folders]
     if not folders:
         raise ValueError("plot_logs needs at least one folder")
@@ -80,27 +86,52 @@ def plot_logs(folders, out, names=None):
         records, path = read_log(folder), folder / "log.txt"
         keys = [f"{split}_{key}" for _, key in LOG_PANELS for split in ("train", "test")]
         columns = {k: _column(records, k, path) for k in keys + ["test_coco_eval_bbox"]}
-        runs.append((_column(records, "epoch", path), columns))
+        runs.append((_column(records, "epoch", path), columns, records, path))
+    masks = all("test_coco_eval_masks" in records[0] for _, _, records, _ in runs)
+    panoptic = masks and all("test_PQ_all" in records[0] for _, _, records, _ in runs)
     plt = _pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5), constrained_layout=True)
+    fig, axes = plt.subplots(3 if masks else 2, 3, figsize=(15, 12.5 if masks else 8.5),
+                             constrained_layout=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, ((epochs, columns), name) in enumerate(zip(runs, names)):
+    for i, ((epochs, columns, records, path), name) in enumerate(zip(runs, names)):
         colour = colours[i % len(colours)]
         for (title, key), ax in zip(LOG_PANELS, axes.flat):
             ax.plot(epochs, columns[f"train_{key}"], "-", color=colour, marker=".", label=f"{name} train")
             ax.plot(epochs, columns[f"test_{key}"], "--", color=colour, marker=".", label=f"{name} val")
             ax.set_title(title)
-        stats = np.array(columns["test_coco_eval_bbox"])
-        for label, index, style in AP_ENTRIES:
-            axes.flat[-1].plot(epochs, stats[:, index], style, color=colour, marker=".",
-                               label=f"{name} {label}")
-    axes.flat[-1].set_title("validation box AP")
-    axes.flat[-1].set_ylim(0, 1)
+        _plot_ap(axes[1, 2], epochs, columns["test_coco_eval_bbox"], colour, name, "box")
+        if masks:
+            for label, key, style in MASK_LOSSES:
+                axes[2, 0].plot(epochs, _column(records, f"train_{key}", path), style, color=colour,
+                                marker=".", label=f"{name} {label} (train)")
+            _plot_ap(axes[2, 1], epochs, _column(records, "test_coco_eval_masks", path), colour,
+                     name, "mask")
+        if panoptic:
+            for label, key, style in PQ_ENTRIES:
+                values = [100 * r["pq"] for r in _column(records, key, path)]  # logged as fractions
+                axes[2, 2].plot(epochs, values, style, color=colour, marker=".",
+                                label=f"{name} {label}")
+    if masks:
+        axes[2, 0].set_title("mask losses (unweighted)")
+        if panoptic:
+            axes[2, 2].set_title("validation panoptic quality (%)")
+            axes[2, 2].set_ylim(0, 100)
+        else:
+            axes[2, 2].set_visible(False)
     for ax in axes.flat:
-        _epoch_axis(ax)
+        if ax.get_visible():
+            _epoch_axis(ax)
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
+
+
+def _plot_ap(ax, epochs, stats, colour, name, kind):
+    stats = np.array(stats)
+    for label, index, style in AP_ENTRIES:
+        ax.plot(epochs, stats[:, index], style, color=colour, marker=".", label=f"{name} {label}")
+    ax.set_title(f"validation {kind} AP")
+    ax.set_ylim(0, 1)
 
 
 def _safe_numpy_globals():

@@ -120,11 +120,17 @@ def save_picture(picture, path):
 
 
 def write_run_pictures(output_dir, model, postprocessor, dataset, class_names, device, num_images=8,
-                       curves=True):
-    """OUTPUT_DIR/predictions.png (see predictions_picture) and, with `curves`, OUTPUT_DIR/curves.png
-    (util.plot_utils.plot_logs of OUTPUT_DIR/log.txt). Returns the paths written."""
+                       curves=True, panoptic_postprocessor=None):
+    """OUTPUT_DIR/predictions.png (see predictions_picture), with `curves` OUTPUT_DIR/curves.png
+    (util.plot_utils.plot_logs of OUTPUT_DIR/log.txt) and, with a `panoptic_postprocessor`,
+    OUTPUT_DIR/panoptic.png (util.panoptic_pictures.panoptic_picture). Returns the paths written."""
     from util.plot_utils import plot_logs
     written = [plot_logs([output_dir], os.path.join(output_dir, "curves.png"))] if curves else []
     picture = predictions_picture(model, postprocessor, dataset, class_names, device, num_images)
     written.append(save_picture(picture, os.path.join(output_dir, "predictions.png")))
+    if panoptic_postprocessor is not None:
+        from util.panoptic_pictures import panoptic_picture
+        picture = panoptic_picture(model, panoptic_postprocessor, dataset, class_names, device,
+                                   num_images)
+        written.append(save_picture(picture, os.path.join(output_dir, "panoptic.png")))
     return written
