@@ -179,6 +179,7 @@ class Work:
                     continue
                 assert self.toy_run, f"{value}: no toy run to take a stand-in from"
                 if value.endswith(".pth"):
+                    os.makedirs(os.path.dirname(self.path(value)), exist_ok=True)
                     shutil.copy(os.path.join(self.toy_run, "checkpoint.pth"), self.path(value))
                 elif value.lower().endswith((".jpg", ".jpeg", ".png")):
                     shutil.copy(self.toy_images()[0], self.path(value))
