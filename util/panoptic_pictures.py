@@ -10,9 +10,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import draw_segmentation_masks, make_grid
 
-from util.misc import nested_tensor_from_tensor_list
 from util.panoptic import rgb_to_id
-from util.visualize import PADDING, _font_file, _header, denormalize
+from util.visualize import PADDING, _font_file, _header, denormalize, predict
 
 # RGB fill colours by category id (cycled); instances of a class get lighter and darker shades
 SEGMENT_COLOURS = ((230, 60, 50), (60, 190, 80), (60, 110, 235), (240, 200, 40), (150, 90, 200),
@@ -98,19 +97,6 @@ def draw_panoptic(image, ids, segments, class_names, size=256, alpha=0.6):
     return TF.pil_to_tensor(picture)
 
 
-@torch.no_grad()
-def predict_panoptic(model, postprocessor, images, device):
-    """PostProcessPanoptic's results for a list of normalised images of one size."""
-    was_training = model.training
-    model.eval()
-    try:
-        outputs = model(nested_tensor_from_tensor_list([image.to(device) for image in images]))
-    finally:
-        model.train(was_training)
-    sizes = torch.tensor([image.shape[-2:] for image in images])
-    return postprocessor(outputs, sizes)
-
-
 def panoptic_picture(model, postprocessor, dataset, class_names, device, num_images=8, size=192,
                      per_row=2):
     """The first `num_images` images of `dataset` (items (normalised image, target with 'masks')),
@@ -124,7 +110,7 @@ def panoptic_picture(model, postprocessor, dataset, class_names, device, num_ima
     cells = []
     for image, target in items:
         # one image at a time: the post-processing resizes a padded batch's masks as a whole
-        prediction = predict_panoptic(model, postprocessor, [image], device)[0]
+        prediction = predict(model, postprocessor, [image], device, sizes_device="cpu")[0]
         picture = denormalize(image)
         cells.append(TF.resize(picture, _scaled(picture, size), antialias=True))
         cells.append(draw_panoptic(picture, *panoptic_from_target(target), class_names, size))

@@ -63,15 +63,16 @@ def draw_detections(image, boxes, labels, class_names, scores=None, size=256):
 
 
 @torch.no_grad()
-def predict(model, postprocessor, images, device):
-    """Model outputs for a list of normalised images, in each image's pixels (xyxy)."""
+def predict(model, postprocessor, images, device, sizes_device=None):
+    """The post-processed outputs for a list of normalised images, in each image's pixels (boxes
+    xyxy); the image sizes go to the post-processor on `sizes_device` (default: `device`)."""
     was_training = model.training
     model.eval()
     try:
         outputs = model(nested_tensor_from_tensor_list([image.to(device) for image in images]))
     finally:
         model.train(was_training)
-    sizes = torch.tensor([image.shape[-2:] for image in images], device=device)
+    sizes = torch.tensor([image.shape[-2:] for image in images], device=sizes_device or device)
     return postprocessor(outputs, sizes)
 
 
