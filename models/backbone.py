@@ -2,13 +2,14 @@
 encoding."""
 import os
 import urllib.error
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from util.misc import NestedTensor
 
@@ -27,6 +28,7 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
+        self.fold = True  # in after_conv
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -35,13 +37,38 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    def forward(self, x):
+    def scale_shift(self, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """The affine map y = x * scale + shift this layer computes, in `dtype`."""
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
+        return scale.to(dtype), shift.to(dtype)
+
+    def forward(self, x):
         # in the input's dtype: under autocast the activations stay bfloat16 / float16 instead of
         # being promoted to float32 by the float32 buffers (and cast back at the next conv)
-        scale, shift = scale.to(x.dtype), shift.to(x.dtype)
+        scale, shift = self.scale_shift(x.dtype)
         return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+    def after_conv(self, x: Tensor, weight: Tensor, stride: Tuple[int, int],
+                   padding: Tuple[int, int], dilation: Tuple[int, int], groups: int,
+                   relu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
+        """self(conv2d(x, weight, ...)) (+ residual) (then relu) as one convolution whose kernel and
+        bias carry the affine map: the same values up to float rounding, without two more passes
+        over (and, in training, two more saved copies of) the convolution's output. The weight's
+        gradient flows through. The residual is added in place (into the convolution's output).
+        With self.fold False: the convolution, then this layer as a call of its own."""
+        if not self.fold:
+            y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+            y = self.forward(y) if torch.jit.is_scripting() else self(y)
+        else:
+            scale, shift = self.scale_shift(weight.dtype)
+            weight = weight * scale[:, None, None, None]
+            y = F.conv2d(x, weight, shift, stride, padding, dilation, groups)
+        if residual is not None:
+            y += residual
+        if relu:
+            y = F.relu_(y)
+        return y
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -93,6 +120,83 @@ def load_backbone_weights(resnet, name, weights):
     resnet.load_state_dict(state_dict, strict=False)
 
 
+class _Shortcut:
+    def _identity(self, x: Tensor) -> Tensor:
+        """The block's shortcut: x, or its downsampling convolution with the batch norm folded."""
+        if self.downsample is None:
+            return x
+        return self.downsample[1].after_conv(
+            x, self.downsample[0].weight, self.downsample[0].stride, self.downsample[0].padding,
+            self.downsample[0].dilation, self.downsample[0].groups)
+
+
+class _FoldedBasicBlock(_Shortcut, BasicBlock):
+    """torchvision's BasicBlock (same modules and state dict) with each frozen batch norm folded
+    into the convolution before it (FrozenBatchNorm2d.after_conv)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = self._identity(x)
+        out = self.bn1.after_conv(x, self.conv1.weight, self.conv1.stride, self.conv1.padding,
+                                  self.conv1.dilation, self.conv1.groups, relu=True)
+        return self.bn2.after_conv(out, self.conv2.weight, self.conv2.stride, self.conv2.padding,
+                                   self.conv2.dilation, self.conv2.groups, relu=True,
+                                   residual=identity)
+
+
+class _FoldedBottleneck(_Shortcut, Bottleneck):
+    """torchvision's Bottleneck with its frozen batch norms folded, as _FoldedBasicBlock."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = self._identity(x)
+        out = self.bn1.after_conv(x, self.conv1.weight, self.conv1.stride, self.conv1.padding,
+                                  self.conv1.dilation, self.conv1.groups, relu=True)
+        out = self.bn2.after_conv(out, self.conv2.weight, self.conv2.stride, self.conv2.padding,
+                                  self.conv2.dilation, self.conv2.groups, relu=True)
+        return self.bn3.after_conv(out, self.conv3.weight, self.conv3.stride, self.conv3.padding,
+                                   self.conv3.dilation, self.conv3.groups, relu=True,
+                                   residual=identity)
+
+
+_FOLDED = {BasicBlock: _FoldedBasicBlock, Bottleneck: _FoldedBottleneck}
+
+
+class _ResNetBody(IntermediateLayerGetter):
+    """IntermediateLayerGetter of a torchvision ResNet whose stem convolution carries its frozen
+    batch norm (as the blocks do)."""
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        out: Dict[str, Tensor] = {}
+        for name, module in self.items():
+            if name == "conv1":  # conv1, bn1 and relu in one
+                x = self.bn1.after_conv(x, self.conv1.weight, self.conv1.stride,
+                                        self.conv1.padding, self.conv1.dilation, self.conv1.groups,
+                                        relu=True)
+            elif name not in ("bn1", "relu"):
+                x = module(x)
+            if name in self.return_layers:
+                out[self.return_layers[name]] = x
+        return out
+
+
+def _foldable(resnet: nn.Module) -> bool:
+    """A torchvision ResNet of BasicBlock / Bottleneck blocks with frozen batch norm throughout."""
+    blocks = [m for m in resnet.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    norms = [m for m in resnet.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+             or isinstance(m, FrozenBatchNorm2d)]
+    return (isinstance(resnet, ResNet) and isinstance(resnet.conv1, nn.Conv2d) and bool(blocks)
+            and all(type(b) in _FOLDED or type(b) in _FOLDED.values() for b in blocks)
+            and all(isinstance(n, FrozenBatchNorm2d) for n in norms)
+            and all(b.downsample is None or len(b.downsample) == 2 for b in blocks))
+
+
+def set_batchnorm_folding(module: nn.Module, fold: bool) -> None:
+    """Fold the frozen batch norms of a backbone's ResNet into their convolutions (the default),
+    or run each after its convolution as a layer of its own (fold=False: its hooks then fire)."""
+    for m in module.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.fold = fold
+
+
 class BackboneBase(nn.Module):
     """A torchvision ResNet cut after layer4, returning {"0": NestedTensor} of layer4 (or "0".."3"
     for layer1..layer4 with return_interm_layers, strides 4, 8, 16, 32), each with the padding
@@ -112,7 +216,14 @@ class BackboneBase(nn.Module):
             self.strides, layers = [32], ["layer4"]
         # DETR's output keys; the ResNet's modules keep their names, and so do the state_dict keys
         return_layers = {name: str(i) for i, name in enumerate(layers)}
-        self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
+        if _foldable(backbone):
+            # frozen batch norm folded into the convolutions (same state dict, see _ResNetBody)
+            for m in backbone.modules():
+                if type(m) in _FOLDED:
+                    m.__class__ = _FOLDED[type(m)]
+            self.body = _ResNetBody(backbone, return_layers=return_layers)
+        else:
+            self.body = IntermediateLayerGetter(backbone, return_layers=return_layers)
         self.channels_last_min_side = 400  # see forward
         self.num_channels = num_channels
 
@@ -177,9 +288,11 @@ def calibrate_frozen_batchnorm(module, images):
 
     hooks = [m.register_forward_pre_hook(set_statistics) for m in module.modules()
              if isinstance(m, FrozenBatchNorm2d)]
+    set_batchnorm_folding(module, False)  # each layer's input, for the hooks
     try:
         module(images)
     finally:
+        set_batchnorm_folding(module, True)
         for hook in hooks:
             hook.remove()
 

@@ -35,8 +35,19 @@ Under torch.use_deterministic_algorithms(True), the bucket sum of CUDA tensors
 (the CUDA kernel adds with atomics) runs as scatter_add, which PyTorch then
 computes deterministically; results agree up to float rounding.
 
+The CPU kernels take their large results ((B, H, L, L) lookups, attention
+weights and their gradients) from a cache of their own: once such a tensor is
+freed its memory is kept and handed to the next result of about its size, so
+training does not fault in fresh pages for every one (glibc maps and unmaps
+blocks above 32 MiB anew each time). Only these results use it; the rest of
+the process allocates as before. cpu_cache_stats() tells what it holds,
+empty_cpu_cache() returns the kept memory to the system.
+
 Environment variables (read when rpe_ops is imported, except the last):
     RPE_OPS_FALLBACK=1     use the fallback even if the extension is built
+    RPE_OPS_CPU_CACHE_MB=N keep at most N MB of freed results for reuse
+                           (default 1024; 0: no cache, plain allocations;
+                           read at the first large result)
     RPE_OPS_CHECK_INDEX=1  validate index values on CUDA too (costs a device
                            synchronisation; on the CPU they are always checked)
 """
@@ -51,6 +62,7 @@ import torch
 from . import _fallback
 
 __all__ = ["rpe_index", "rpe_index_backward", "backend", "bucket_sum_implementation",
+           "cpu_cache_stats", "empty_cpu_cache",
            "EXTENSION_AVAILABLE", "EXTENSION_PATH"]
 
 _BUILD_COMMANDS = ("`pip install --no-build-isolation ./rpe_ops` or "
@@ -267,3 +279,18 @@ def backend(device="cpu") -> str:
     if EXTENSION_AVAILABLE and (kind == "cpu" or (kind == "cuda" and _EXTENSION_CUDA)):
         return "extension"
     return "fallback"
+
+
+def cpu_cache_stats() -> dict:
+    """Bytes of the CPU results' cache: "live" (held by tensors alive now) and "kept" (freed,
+    kept for reuse); zeros without the extension."""
+    if not (EXTENSION_AVAILABLE and hasattr(torch.ops.rpe_ops, "cpu_cache_stats")):
+        return {"live": 0, "kept": 0}
+    live, kept = torch.ops.rpe_ops.cpu_cache_stats()
+    return {"live": live, "kept": kept}
+
+
+def empty_cpu_cache() -> None:
+    """Return the memory the CPU results' cache keeps to the system (live tensors stay)."""
+    if EXTENSION_AVAILABLE and hasattr(torch.ops.rpe_ops, "cpu_cache_clear"):
+        torch.ops.rpe_ops.cpu_cache_clear()

@@ -52,7 +52,7 @@ if force == "1" and cpp_extension.CUDA_HOME is None:
 with_cuda = force == "1" or (
     force != "0" and cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None)
 
-sources = ["csrc/rpe_index.cpp", "csrc/attention_softmax.cpp"]
+sources = ["csrc/rpe_index.cpp", "csrc/attention_softmax.cpp", "csrc/cpu_cache.cpp"]
 # -fno-trapping-math lets the compiler turn the selects of the attention kernel's loops into
 # vector blends (no floating-point exception flags are read anywhere)
 cxx_flags = ["-O3", "-fno-trapping-math"]

@@ -8,17 +8,13 @@ import torchvision
 from models.backbone import Backbone, FrozenBatchNorm2d
 from util.misc import nested_tensor_from_tensor_list
 
+from .test_folded_batchnorm import away_from_identity
+
 
 def test_channels_last_backbone_equals_the_default_layout_in_values_and_gradients():
     torch.manual_seed(0)
     backbone = Backbone("resnet18", train_backbone=True, return_interm_layers=True, dilation=False)
-    with torch.no_grad():  # frozen statistics away from the identity, as in a trained model
-        for m in backbone.modules():
-            if isinstance(m, FrozenBatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2)
+    away_from_identity(backbone)  # frozen statistics as in a trained model
     reference = torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)
     missing, unexpected = reference.load_state_dict(
         {k[len("body."):]: v for k, v in backbone.state_dict().items()}, strict=False)

@@ -31,12 +31,14 @@
 // keeps the weight when u < (1 - p) 2^32.  The seed is drawn from PyTorch's
 // generator by the caller, so torch.manual_seed makes runs repeatable.
 #include "rpe_index.h"
+#include "cpu_cache.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/matmul.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -357,8 +359,8 @@ std::tuple<at::Tensor, at::Tensor> attention_softmax_cpu(
     check_index_range("attention_softmax", idx, nb);
   }
   const bool dropout = dropout_p > 0.0;
-  at::Tensor weights = dropout ? at::empty_like(logits) : logits;
-  at::Tensor keep = at::empty({dropout ? B : 0, H, L, S}, logits.options().dtype(at::kBool));
+  at::Tensor weights = dropout ? cached_empty(logits.sizes(), logits.options()) : logits;
+  at::Tensor keep = cached_empty({dropout ? B : 0, H, L, S}, logits.options().dtype(at::kBool));
   const int64_t rows = B * H * L;
   if (rows == 0 || S == 0) {
     return {weights, keep};
@@ -398,7 +400,7 @@ std::tuple<at::Tensor, at::Tensor> attention_softmax_backward_cpu(
                 "attention_softmax_backward: keep does not fit probs");
   }
   const at::Tensor g = grad.contiguous();
-  at::Tensor grad_logits = at::empty_like(probs);
+  at::Tensor grad_logits = cached_empty(probs.sizes(), probs.options());
   at::Tensor idx;
   if (index.has_value()) {
     check_index(*index, L, S);
@@ -442,7 +444,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_weights_forward(
   TORCH_CHECK(q.is_cpu() && k.is_cpu(), "attention_weights: CPU tensors only");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4,
               "attention_weights: q and k must be (B, H, L, D) and (B, H, S, D)");
-  at::Tensor logits = at::matmul(q, k.transpose(-2, -1)).contiguous();
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3),
+              "attention_weights: q (B, H, L, D) and k (B, H, S, D) do not fit");
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), S = k.size(2);
+  at::Tensor logits = cached_empty({B, H, L, S}, q.options());
+  at::Tensor logits3 = logits.view({B * H, L, S});
+  at::bmm_out(logits3, q.reshape({B * H, L, q.size(3)}),
+              k.reshape({B * H, S, k.size(3)}).transpose(1, 2));
   if (extra.has_value()) {
     logits.add_(*extra);
   }

@@ -1,5 +1,6 @@
 // Operator schemas, argument checks and the CPU kernels of rpe_ops.
 #include "rpe_index.h"
+#include "cpu_cache.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -264,7 +265,7 @@ at::Tensor rpe_index_cpu(const at::Tensor& input, const at::Tensor& index) {
   const int64_t lq = x.size(2);
   const int64_t nb = x.size(3);
   const int64_t lk = idx.size(1);
-  at::Tensor out = at::empty({x.size(0), x.size(1), lq, lk}, x.options());
+  at::Tensor out = cached_empty({x.size(0), x.size(1), lq, lk}, x.options());
   if (out.numel() == 0) {
     return out;
   }
