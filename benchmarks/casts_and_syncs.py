@@ -77,7 +77,7 @@ class Census(TorchDispatchMode):
 def build(opts):
     args = detr_main.get_args_parser().parse_args(
         ["--enc_rpe2d", "rpe-2.0-product-ctx-1-k", "--backbone_weights", "none",
-         "--device", opts.device, "--coco_path", "unused"])
+         "--num_classes", "91", "--device", opts.device, "--coco_path", "unused"])
     torch.manual_seed(0)
     model, criterion, postprocessors = build_model(args)
     model.to(opts.device)
