@@ -181,11 +181,9 @@ class _ResNetBody(IntermediateLayerGetter):
 def _foldable(resnet: nn.Module) -> bool:
     """A torchvision ResNet of BasicBlock / Bottleneck blocks with frozen batch norm throughout."""
     blocks = [m for m in resnet.modules() if isinstance(m, (BasicBlock, Bottleneck))]
-    norms = [m for m in resnet.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-             or isinstance(m, FrozenBatchNorm2d)]
     return (isinstance(resnet, ResNet) and isinstance(resnet.conv1, nn.Conv2d) and bool(blocks)
             and all(type(b) in _FOLDED or type(b) in _FOLDED.values() for b in blocks)
-            and all(isinstance(n, FrozenBatchNorm2d) for n in norms)
+            and not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in resnet.modules())
             and all(b.downsample is None or len(b.downsample) == 2 for b in blocks))
 
 

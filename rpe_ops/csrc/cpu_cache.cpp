@@ -4,12 +4,12 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <map>
 #include <mutex>
-#include <string>
 #include <tuple>
 
 namespace rpe_ops {
@@ -62,11 +62,7 @@ void give_back(void* block, size_t bytes) {
 } // namespace
 
 at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  int64_t numel = 1;
-  for (const int64_t s : sizes) {
-    numel *= s;
-  }
-  const size_t need = static_cast<size_t>(numel) * options.dtype().itemsize();
+  const size_t need = c10::multiply_integers(sizes) * options.dtype().itemsize();
   Cache& c = cache();
   if (need < kMinBytes || c.limit == 0 || options.device().type() != c10::DeviceType::CPU ||
       options.pinned_memory()) {
