@@ -51,18 +51,29 @@ class FrozenBatchNorm2d(nn.Module):
 
     def after_conv(self, x: Tensor, weight: Tensor, stride: Tuple[int, int],
                    padding: Tuple[int, int], dilation: Tuple[int, int], groups: int,
-                   relu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
+                   relu: bool = False, residual: Optional[Tensor] = None,
+                   residual_is_scratch: bool = False) -> Tensor:
         """self(conv2d(x, weight, ...)) (+ residual) (then relu) as one convolution whose kernel and
         bias carry the affine map: the same values up to float rounding, without two more passes
         over (and, in training, two more saved copies of) the convolution's output. The weight's
         gradient flows through. The residual is added in place (into the convolution's output).
-        With self.fold False: the convolution, then this layer as a call of its own."""
+        With self.fold False: the convolution, then this layer as a call of its own.
+
+        residual_is_scratch: the caller owns the residual and no longer needs it; a CPU run
+        without autograd then writes conv + residual + relu into it in one oneDNN call (the same
+        values: the sum and relu are the convolution's post-ops), which spares the allocation
+        of a fresh output and two passes over it."""
         if not self.fold:
             y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
             y = self.forward(y) if torch.jit.is_scripting() else self(y)
         else:
             scale, shift = self.scale_shift(weight.dtype)
             weight = weight * scale[:, None, None, None]
+            if (residual is not None and relu and residual_is_scratch
+                    and _add_relu_fuses(x, weight, residual)):
+                return torch.ops.mkldnn._convolution_pointwise_.binary(
+                    residual, x, weight, shift, padding, stride, dilation, groups, "add", 1.0,
+                    "relu", [], "")
             y = F.conv2d(x, weight, shift, stride, padding, dilation, groups)
         if residual is not None:
             y += residual
@@ -72,6 +83,23 @@ class FrozenBatchNorm2d(nn.Module):
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def _add_relu_fuses(x: Tensor, weight: Tensor, residual: Tensor) -> bool:
+    """Whether FrozenBatchNorm2d.after_conv may run oneDNN's convolution with the residual sum and
+    relu fused, in place: eager float32 on the CPU in channels-last, nothing recording gradients,
+    no autocast (which would run the convolution in another dtype)."""
+    if torch.jit.is_scripting() or not torch.backends.mkldnn.is_available():
+        return False
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or residual.requires_grad):
+        return False
+    return (x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+            and x.dtype == weight.dtype == residual.dtype == torch.float32
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and residual.is_contiguous(memory_format=torch.channels_last))
 
 
 class BackboneWeightsError(RuntimeError):
@@ -132,21 +160,23 @@ class _Shortcut:
 
 class _FoldedBasicBlock(_Shortcut, BasicBlock):
     """torchvision's BasicBlock (same modules and state dict) with each frozen batch norm folded
-    into the convolution before it (FrozenBatchNorm2d.after_conv)."""
+    into the convolution before it (FrozenBatchNorm2d.after_conv). x_is_scratch: the caller will
+    not read x again (_ResNetBody says so of the tensors it passes between blocks)."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x_is_scratch: bool = False) -> Tensor:
         identity = self._identity(x)
         out = self.bn1.after_conv(x, self.conv1.weight, self.conv1.stride, self.conv1.padding,
                                   self.conv1.dilation, self.conv1.groups, relu=True)
         return self.bn2.after_conv(out, self.conv2.weight, self.conv2.stride, self.conv2.padding,
                                    self.conv2.dilation, self.conv2.groups, relu=True,
-                                   residual=identity)
+                                   residual=identity, residual_is_scratch=identity is not x
+                                   or x_is_scratch)
 
 
 class _FoldedBottleneck(_Shortcut, Bottleneck):
     """torchvision's Bottleneck with its frozen batch norms folded, as _FoldedBasicBlock."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x_is_scratch: bool = False) -> Tensor:
         identity = self._identity(x)
         out = self.bn1.after_conv(x, self.conv1.weight, self.conv1.stride, self.conv1.padding,
                                   self.conv1.dilation, self.conv1.groups, relu=True)
@@ -154,7 +184,8 @@ class _FoldedBottleneck(_Shortcut, Bottleneck):
                                   self.conv2.dilation, self.conv2.groups, relu=True)
         return self.bn3.after_conv(out, self.conv3.weight, self.conv3.stride, self.conv3.padding,
                                    self.conv3.dilation, self.conv3.groups, relu=True,
-                                   residual=identity)
+                                   residual=identity, residual_is_scratch=identity is not x
+                                   or x_is_scratch)
 
 
 _FOLDED = {BasicBlock: _FoldedBasicBlock, Bottleneck: _FoldedBottleneck}
@@ -162,7 +193,8 @@ _FOLDED = {BasicBlock: _FoldedBasicBlock, Bottleneck: _FoldedBottleneck}
 
 class _ResNetBody(IntermediateLayerGetter):
     """IntermediateLayerGetter of a torchvision ResNet whose stem convolution carries its frozen
-    batch norm (as the blocks do)."""
+    batch norm (as the blocks do). It tells the blocks after a layer's first that their input
+    is a tensor of its own that nothing reads afterwards."""
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         out: Dict[str, Tensor] = {}
@@ -171,6 +203,9 @@ class _ResNetBody(IntermediateLayerGetter):
                 x = self.bn1.after_conv(x, self.conv1.weight, self.conv1.stride,
                                         self.conv1.padding, self.conv1.dilation, self.conv1.groups,
                                         relu=True)
+            elif name.startswith("layer"):
+                for i, block in enumerate(module):  # a block's input is the block's before
+                    x = block(x, x_is_scratch=i > 0)
             elif name not in ("bn1", "relu"):
                 x = module(x)
             if name in self.return_layers:

@@ -43,3 +43,41 @@ def test_channels_last_backbone_equals_the_default_layout_in_values_and_gradient
         if p.grad is not None:
             assert (p.grad - named[name].grad).abs().max() <= 1e-5 * named[name].grad.abs().max()
     assert backbone.body.layer2[0].conv1.weight.grad is not None  # layers 2-4 train
+
+
+def test_inference_fuses_the_residual_into_the_convolution_and_leaves_inputs_alone():
+    """Without autograd, channels-last blocks write conv + residual + relu into the shortcut
+    tensor in one oneDNN call: the features equal torchvision's, the images, the returned layers
+    and a tensor passed to a block by its caller stay as they were."""
+    torch.manual_seed(0)
+    for name in ("resnet18", "resnet50"):
+        backbone = Backbone(name, train_backbone=True, return_interm_layers=True, dilation=False)
+        away_from_identity(backbone)
+        backbone.channels_last_min_side = 60
+        backbone.eval()
+        reference = getattr(torchvision.models, name)(norm_layer=FrozenBatchNorm2d).eval()
+        reference.load_state_dict({k[len("body."):]: v for k, v in backbone.state_dict().items()},
+                                  strict=False)
+        images = nested_tensor_from_tensor_list([torch.randn(3, 96, 80), torch.randn(3, 64, 90)])
+        kept = images.tensors.clone()
+        with torch.no_grad():
+            features = [f.tensors for f in backbone(images).values()]
+            x = reference.maxpool(reference.relu(reference.bn1(reference.conv1(images.tensors))))
+            for layer, feature in zip((reference.layer1, reference.layer2, reference.layer3,
+                                       reference.layer4), features):
+                x = layer(x)
+                assert (feature - x).abs().max() <= 1e-5 * x.abs().max()
+        assert torch.equal(images.tensors, kept)
+
+        block = backbone.body.layer1[1]  # its shortcut is its input
+        x = torch.randn(1, block.conv1.in_channels, 20, 24).contiguous(
+            memory_format=torch.channels_last)
+        x_before = x.clone()
+        with torch.no_grad():
+            out = block(x)
+            assert torch.equal(x, x_before)  # the caller's tensor
+            expected = reference.layer1[1](x)
+            fused = block(x, x_is_scratch=True)
+        assert fused.data_ptr() == x.data_ptr()  # written into the shortcut: the fused call
+        for y in (out, fused):
+            assert (y - expected).abs().max() <= 1e-5 * expected.abs().max()
