@@ -4,12 +4,9 @@ attention (CUDA) and the compiled CPU kernel (CPU), one iRPE setting and dtype p
     python benchmarks/attention_paths.py                         # CUDA if there is one
     python benchmarks/attention_paths.py --device cpu --repeats 5
 
-Each row times one layer (256 wide, 8 heads, attention dropout 0 so that every path may run,
-batch 2, COCO-size 25x38 map, the second image padded) in train mode, forward + backward, and in
-eval mode, forward only; fp32 and bf16 (autocast). Milliseconds are medians; 'first' is the first
-call of the flex path at that length step, which compiles; 'MiB' is the peak memory of a training
-step beyond the inputs. The last column says what models/rpe_attention/flex_attention.USE_FLEX
-chooses for training on CUDA and which path measured faster: where they differ, flip the entry.
+One layer (256 wide, 8 heads, attention dropout 0, batch 2, a 25x38 map) in train mode (fwd + bwd)
+and eval mode, fp32 and bf16; medians in ms, 'first' the flex path's compiling call, 'MiB' the
+training step's peak memory. The last column compares flex_attention.USE_FLEX with the faster path.
 """
 import argparse
 import statistics

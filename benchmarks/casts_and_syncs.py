@@ -4,16 +4,10 @@ census of one DETR-R50 + iRPE training step and one inference pass (forward + Po
     python benchmarks/casts_and_syncs.py --device cuda
     python benchmarks/casts_and_syncs.py --device cpu --scale 0.25 --repeats 1
 
-For float32 and for bf16 autocast (as main.py's --amp), each of 'train' (batch 2 at 800x1199 /
-800x1066: forward, loss, backward, clipping, AdamW) and 'inference' (batch 1 at 800x1199, eval
-mode, forward and PostProcess) prints its median time and operator count, then
-- casts: operators that change a tensor's dtype, by the line of this repository that caused them
-  ('backward' for autograd's), with the number of calls and elements;
-- float32: operators under autocast whose output is float32 with at least --min-elements
-  elements, by line;
-- syncs (CUDA): the calls that made the host wait for the device, by line
-  (torch.cuda.set_sync_debug_mode), after a warm-up (bucket ids cached).
-Weights are random (the shapes and dtypes are what matter); --scale shrinks the images.
+For float32 and bf16 autocast, 'train' and 'inference' each print their median time and operator
+count, then the dtype casts and the large float32 outputs under autocast by source line, and on
+CUDA the calls that made the host wait (torch.cuda.set_sync_debug_mode). Random weights; --scale
+shrinks the images.
 """
 import argparse
 import collections

@@ -3,14 +3,9 @@
     python benchmarks/coco_eval.py                       # 5,000 images, 100 detections each
     python benchmarks/coco_eval.py --images 500          # a quick look
 
-The ground truth has val2017's shape: 5,000 images of 640 x 480 pixels, 80 categories, about 7
-objects per image of COCO-like sizes (some crowd, 'area' below the box area as for polygons), and
-some images without objects. Each image gets 100 detections, as DETR gives: noisy copies of its
-objects (sometimes with the wrong class) and false positives, with random scores (higher on
-the whole for the copies). Everything is
-seeded. Each backend runs what engine.evaluate runs: CocoEvaluator.update on batches of
---batch_size images, synchronize_between_processes, accumulate and summarize. The script checks
-that the backends give the same twelve numbers and prints a table of their times.
+Seeded ground truth of val2017's shape (640 x 480, 80 categories, about 7 objects an image, some
+crowd, some images empty) and 100 DETR-like detections an image. Each backend runs what
+engine.evaluate runs; the script checks that they give the same twelve numbers.
 """
 import argparse
 import os

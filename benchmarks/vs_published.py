@@ -2,31 +2,12 @@
 
     python benchmarks/vs_published.py --published PATH/TO/Cream/iRPE/DETR-with-iRPE
 
-PATH is a checkout of the published code with its requirements (easydict) installed. If its
-rpe_ops is built in place (`cd rpe_ops && python setup.py build_ext --inplace`), the published
-code is timed twice, with that extension and on its PyTorch path (the extension kept out of
-reach, see benchmarks/sides.py; which path ran is checked), and "ratio" is against the faster.
-Nothing of it is copied here: each side runs in a process of its own, builds its model with its
-own code, loads one common state dict (strict) and times the same inputs; rounds alternate the
-sides. Targets:
-
-    attention   encoder self-attention layer (rpe-2.0-product-ctx-1-k, 256 wide, 8 heads,
-                dropout 0.1), train mode, forward + backward, COCO map size 25x38, batch 2
-    irpe_k      the iRPE-on-k module alone, forward + backward, (2, 8, 950, 32) -> 81 buckets
-    train_step  DETR-R50, --train-batch images at 800x1199 / 800x1066 (alternating), loss,
-                backward, clipping, AdamW as each side's main.py builds it
-    inference   DETR-R50, eval mode, --infer-batch images (the same sizes), forward, PostProcess
-
---plain adds plain DETR (this repository with --enc_rpe2d ''; for `attention`, its layer without
-iRPE). --amp adds bfloat16 rows for every side: the harness runs the forward under autocast and
-casts the outputs to float32 (util/amp.py, which is what our main.py's --amp does). No side gets
-a process-wide setting another lacks: this repository's malloc setting (util/cpu_allocator.py,
-which its main.py makes) goes to none, or with --keep-freed-memory to every side.
-
-Each side also runs its target once in float32 with every dropout off and saves outputs and
-gradients; "max rel diff" is the largest difference between ours and the published sides
-relative to each tensor's scale, "where" names the tensor. On CUDA, the peak memory of a row is
-torch.cuda.max_memory_allocated() over its runs. The goals under the table are the device's.
+Targets: the encoder attention layer (train, dropout 0.1, fwd + bwd), the iRPE-on-k module
+(fwd + bwd), a DETR-R50 training step and inference at COCO sizes. The published code runs with
+its compiled rpe_ops (when built in place) and on its PyTorch path; "ratio" is against the faster.
+Each side runs in a process of its own with one common state dict (benchmarks/sides.py), no side
+gets a process-wide setting another lacks, and "max rel diff" compares outputs and gradients with
+dropout off. docs/speed-and-gpu.md explains the options and the table.
 """
 import argparse
 import json

@@ -1,22 +1,12 @@
 """Timings of the rpe_ops bucket lookup (forward) and bucket sum (backward).
 
-Run from the repository root:
-
     python -m rpe_ops.benchmark            # or: python rpe_ops/benchmark.py
     python -m rpe_ops.benchmark --repeat 50 --device cuda
 
-Compares, at DETR's size (B 2, H 8, L 950 = 25x38, 81 buckets) and at a ViT
-size (B 64, H 6, L 197 = 14x14 + class token, 50 buckets):
-
-    index_put  advanced indexing forward, index_put_(accumulate=True) backward
-    gather     the pure-PyTorch fallback of rpe_ops (gather / scatter_add)
-    extension  the compiled kernels of rpe_ops (when built)
-
-and relates them to the memory-bandwidth bound: the bytes an operator must
-read and write, divided by the bandwidth of a large tensor copy.  On the CPU
-the cases run twice: with the allocator as it is, then with glibc told to keep
-freed memory for reuse, so that fresh outputs are not page-faulted in anew
-on every call (--no_reuse skips the second pass).
+At DETR's size (B 2, H 8, L 950, 81 buckets) and a ViT's (B 64, H 6, L 197, 50 buckets): advanced
+indexing, the pure-PyTorch fallback (gather / scatter_add) and the compiled kernels, each against
+the memory-bandwidth bound. On the CPU a second pass keeps freed memory for reuse (--no_reuse
+skips it).
 """
 import argparse
 import ctypes
