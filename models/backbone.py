@@ -89,9 +89,7 @@ def _add_relu_fuses(x: Tensor, weight: Tensor, residual: Tensor) -> bool:
     """Whether FrozenBatchNorm2d.after_conv may run oneDNN's convolution with the residual sum and
     relu fused, in place: eager float32 on the CPU in channels-last, nothing recording gradients,
     no autocast (which would run the convolution in another dtype)."""
-    if torch.jit.is_scripting() or not torch.backends.mkldnn.is_available():
-        return False
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if not _eager() or not torch.backends.mkldnn.is_available():
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or residual.requires_grad):
@@ -100,6 +98,13 @@ def _add_relu_fuses(x: Tensor, weight: Tensor, residual: Tensor) -> bool:
             and x.dtype == weight.dtype == residual.dtype == torch.float32
             and x.is_contiguous(memory_format=torch.channels_last)
             and residual.is_contiguous(memory_format=torch.channels_last))
+
+
+def _eager() -> bool:
+    """Not scripted, traced, compiled or exported: the graphs those make keep one code path."""
+    if torch.jit.is_scripting():
+        return False
+    return not torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
 
 class BackboneWeightsError(RuntimeError):
@@ -206,6 +211,9 @@ class _ResNetBody(IntermediateLayerGetter):
             elif name.startswith("layer"):
                 for i, block in enumerate(module):  # a block's input is the block's before
                     x = block(x, x_is_scratch=i > 0)
+            elif name == "maxpool" and x.device.type == "cpu" and x.is_contiguous() and _eager():
+                # PyTorch's CPU max pooling is about 5x faster in channels-last (the same values)
+                x = module(x.contiguous(memory_format=torch.channels_last)).contiguous()
             elif name not in ("bn1", "relu"):
                 x = module(x)
             if name in self.return_layers:
