@@ -5,21 +5,12 @@ attention_weights(q, k, lookup, index, extra, key_bias, dropout_p) computes
     logits = q @ k^T + extra + lookup[..., index] + key_bias[:, None, None, :]
     weights = dropout(softmax(logits, -1), dropout_p)
 
-with one pass of the compiled kernel over the logits (lookup, mask, softmax and
-dropout together) where the plain PyTorch path makes a fresh (B, H, L, S)
-tensor for every step, and a backward that also sums the lookup's gradient
-into its buckets in that pass. It is the registered operator
-torch.ops.rpe_ops.attention_weights, whose autograd is written in C++ too:
-eager code and TorchScript call the same kernels and get the same numbers.
-
-The dropout keep-mask is Bernoulli(1 - p) per weight with kept weights scaled
-by 1 / (1 - p), as torch.nn.functional.dropout; it is drawn by a counter-based
-generator seeded from PyTorch's default generator, so torch.manual_seed makes
-it repeatable (the draws differ from torch.bernoulli's). It is kept as one bit
-per weight for the backward.
-
-Without the extension the operator is defined here by the plain PyTorch
-arithmetic (so that scripted code that names it still compiles), but
+in one pass of the compiled kernel over the logits, and a backward that also sums the lookup's
+gradient into its buckets (the operator torch.ops.rpe_ops.attention_weights, autograd in C++).
+The dropout keep-mask is Bernoulli(1 - p) with kept weights scaled by 1 / (1 - p), drawn by a
+counter-based generator seeded from PyTorch's default one (torch.manual_seed makes it repeatable;
+the draws differ from torch.bernoulli's). Without the extension the operator is defined by the
+plain PyTorch arithmetic (so that scripted code naming it compiles), but
 fused_attention_available is False and the attention layers do not call it.
 """
 from typing import Optional
