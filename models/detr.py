@@ -45,7 +45,11 @@ class DETR(nn.Module):
         src, mask = features[-1].decompose()
         if mask is None:
             raise ValueError("DETR needs the padding mask of the NestedTensor")
-        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]
+        return self.predictions(
+            self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0])
+
+    def predictions(self, hs: Tensor) -> Dict[str, Union[Tensor, List[Dict[str, Tensor]]]]:
+        """The heads' outputs (see forward) for the decoder's outputs hs (layers, B, Q, C)."""
         outputs_class = self.class_embed(hs)
         outputs_coord = self.bbox_embed(hs).sigmoid()
         out: Dict[str, Union[Tensor, List[Dict[str, Tensor]]]] = {

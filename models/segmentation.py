@@ -51,13 +51,7 @@ class DETRsegm(nn.Module):
             raise ValueError("DETRsegm needs the padding mask of the NestedTensor")
         src_proj = self.detr.input_proj(src)
         hs, memory = self.detr.transformer(src_proj, mask, self.detr.query_embed.weight, pos[-1])
-        outputs_class = self.detr.class_embed(hs)
-        outputs_coord = self.detr.bbox_embed(hs).sigmoid()
-        out: Dict[str, Union[Tensor, List[Dict[str, Tensor]]]] = {
-            "pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
-        if self.detr.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b}
-                                  for c, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+        out = self.detr.predictions(hs)
         # the masks come from the last decoder layer only
         bbox_mask = self.bbox_attention(hs[-1], memory, mask)
         seg_masks = self.mask_head(src_proj, bbox_mask,
@@ -86,20 +80,13 @@ class MaskHeadSmallConv(nn.Module):
             raise ValueError(f"the mask head's GroupNorm (8 groups) needs hidden_dim + nheads and "
                              f"hidden_dim / 2, / 4, / 8, / 16 divisible by 8 (got widths {widths}): "
                              f"use --hidden_dim a multiple of 128 and --nheads a multiple of 8")
-        self.lay1 = nn.Conv2d(dim, dim, 3, padding=1)
-        self.gn1 = nn.GroupNorm(8, dim)
-        self.lay2 = nn.Conv2d(dim, widths[1], 3, padding=1)
-        self.gn2 = nn.GroupNorm(8, widths[1])
-        self.lay3 = nn.Conv2d(widths[1], widths[2], 3, padding=1)
-        self.gn3 = nn.GroupNorm(8, widths[2])
-        self.lay4 = nn.Conv2d(widths[2], widths[3], 3, padding=1)
-        self.gn4 = nn.GroupNorm(8, widths[3])
-        self.lay5 = nn.Conv2d(widths[3], widths[4], 3, padding=1)
-        self.gn5 = nn.GroupNorm(8, widths[4])
+        # lay1 (dim -> dim), lay2 (dim -> hidden / 2) ... lay5 (-> hidden / 16), each with gn{i}
+        for i, (width_in, width) in enumerate(zip([dim] + widths[:-1], widths), 1):
+            setattr(self, f"lay{i}", nn.Conv2d(width_in, width, 3, padding=1))
+            setattr(self, f"gn{i}", nn.GroupNorm(8, width))
         self.out_lay = nn.Conv2d(widths[4], 1, 3, padding=1)
-        self.adapter1 = nn.Conv2d(fpn_dims[0], widths[1], 1)
-        self.adapter2 = nn.Conv2d(fpn_dims[1], widths[2], 1)
-        self.adapter3 = nn.Conv2d(fpn_dims[2], widths[3], 1)
+        for i in range(1, 4):  # adapter{i}: C4, C3, C2 to the width of lay{i + 1}
+            setattr(self, f"adapter{i}", nn.Conv2d(fpn_dims[i - 1], widths[i], 1))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)
