@@ -1,10 +1,7 @@
 """DETR's segmentation: a mask per object query on top of a (possibly frozen) detector.
 
-Each query's decoder output attends over the encoder memory (`MHAttentionMap`, one map per head,
-no values); those maps, beside the projected C5 features, go through a small FPN-like convolution
-stack (`MaskHeadSmallConv`) that adds the backbone's C4, C3 and C2 on the way up to stride 4.
-`PostProcessSegm` turns the mask logits into binary instance masks, `PostProcessPanoptic` into a
-COCO panoptic id image; `sigmoid_focal_loss` and `dice_loss` are the training losses.
+Each query attends over the encoder memory (`MHAttentionMap`); those maps and the projected C5
+go through an FPN-like convolution stack (`MaskHeadSmallConv`, adding C4, C3, C2) to stride 4.
 """
 import io
 from typing import Dict, List, Union
@@ -35,11 +32,8 @@ class DETRsegm(nn.Module):
 
     def forward(self, samples: Union[NestedTensor, Tensor, List[Tensor]]
                 ) -> Dict[str, Union[Tensor, List[Dict[str, Tensor]]]]:
-        """The detector's outputs plus 'pred_masks' (B, Q, H/4, W/4), mask logits of every query.
-
-        samples as for DETR. The backbone must return its four stages (C2..C5), as it does when
-        built with masks on.
-        """
+        """The detector's outputs plus 'pred_masks' (B, Q, H/4, W/4), mask logits of every query;
+        samples as for DETR. The backbone must return its four stages (C2..C5)."""
         if not isinstance(samples, NestedTensor):
             samples = nested_tensor_from_tensor_list(samples)
         features, pos = self.detr.backbone(samples)
@@ -136,10 +130,8 @@ class MHAttentionMap(nn.Module):
         self.normalize_fact = float(hidden_dim / num_heads) ** -0.5
 
     def forward(self, q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
-        """q (B, Q, query_dim), k (B, query_dim, h, w), mask (B, h, w) True on padding.
-
-        Returns (B, Q, heads, h, w).
-        """
+        """q (B, Q, query_dim), k (B, query_dim, h, w), mask (B, h, w) True on padding ->
+        (B, Q, heads, h, w)."""
         q = self.q_linear(q)
         # k_linear applied at every position of the map, as a 1x1 convolution
         k = F.conv2d(k, self.k_linear.weight[:, :, None, None], self.k_linear.bias)
@@ -167,10 +159,8 @@ def dice_loss(inputs: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
 
 def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: float, alpha: float = 0.25,
                        gamma: float = 2.0) -> Tensor:
-    """RetinaNet's focal loss per pixel, averaged over pixels, summed over masks; / num_boxes.
-
-    alpha < 0 turns the class balancing off.
-    """
+    """RetinaNet's focal loss per pixel, averaged over pixels, summed over masks; / num_boxes
+    (alpha < 0: no class balancing)."""
     prob = inputs.sigmoid()
     ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
     p_t = prob * targets + (1 - prob) * (1 - targets)

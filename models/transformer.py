@@ -1,9 +1,6 @@
-"""DETR's encoder-decoder transformer; the encoder's self-attention carries iRPE.
-
-Differences from torch.nn.Transformer: positional encodings are added to queries and keys in every
-attention layer, the decoder returns the (normalised) output of every layer, and the encoder
-self-attention takes relative position encodings over the h x w feature map.
-"""
+"""DETR's encoder-decoder transformer. Unlike torch.nn.Transformer, positional encodings are added
+to queries and keys in every attention layer, the decoder returns the (normalised) output of every
+layer, and the encoder self-attention carries iRPE over the h x w feature map."""
 import copy
 from typing import List, Optional, Tuple
 
@@ -174,10 +171,8 @@ class Transformer(nn.Module):
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor,
                 pos_embed: Tensor) -> Tuple[Tensor, Tensor]:
-        """src (B, C, H, W), mask (B, H, W) True on padding, query_embed (Q, C), pos_embed like src.
-
-        Returns (decoder outputs (layers, B, Q, C), memory (B, C, H, W)).
-        """
+        """src (B, C, H, W), mask (B, H, W) True on padding, query_embed (Q, C), pos_embed like src
+        -> (decoder outputs (layers, B, Q, C), memory (B, C, H, W))."""
         bs, c, h, w = src.shape
         src = src.flatten(2).permute(2, 0, 1)
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)

@@ -24,17 +24,13 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .irpe import iRPECross
 
-# Lengths are padded to a multiple of this: flex attention's block size, so the padding never adds
-# a block of queries or keys
-LENGTH_STEP = 128
+LENGTH_STEP = 128  # flex attention's block size: the padding never adds a block
 # distinct padded lengths x encodings x dtypes that may each compile once (dynamo's default, 8,
-# would be reached by multi-scale training and then fall back to uncompiled attention)
+# would be reached by multi-scale training)
 MAX_COMPILATIONS = 64
 
-# Where the flex path replaces PyTorch's SDPA path in training on CUDA, by the layer's iRPE mode
-# (None: a layer without iRPE, where SDPA's flash or memory-efficient kernels are the ones to
-# beat). benchmarks/attention_paths.py prints the measured times of both paths beside this choice,
-# for a GPU run to confirm or flip an entry.
+# Where the flex path replaces the SDPA path in training on CUDA, by the layer's iRPE mode (None:
+# no iRPE); benchmarks/attention_paths.py prints both paths' times beside this choice.
 USE_FLEX = {"ctx": True, "bias": True, None: False}
 
 # its CUDA kernels are Triton's

@@ -46,13 +46,6 @@ def piecewise_index(relative_position: Tensor, alpha: float, beta: float, gamma:
     return torch.where(x_abs <= alpha, x.round(), far).to(torch.int64)
 
 
-def _relative_offsets(height: int, width: int, device: Optional[torch.device]) -> Tuple[Tensor, Tensor]:
-    """(dr, dc) = pos(i) - pos(j) for all pairs of the row-major flattened map, each (L, L)."""
-    rows = torch.arange(height, device=device)[:, None].expand(height, width).reshape(-1)
-    cols = torch.arange(width, device=device)[None, :].expand(height, width).reshape(-1)
-    return rows[:, None] - rows[None, :], cols[:, None] - cols[None, :]
-
-
 def num_buckets_of(method: str, ratio: float, skip: int = 0) -> int:
     """Number of buckets (table entries) of one table for `method` at `ratio`."""
     side = 2 * int(2 * ratio) + 1
@@ -86,8 +79,11 @@ def compute_bucket_ids(method: str, ratio: float, height: int, width: int, skip:
         raise ValueError(f"unknown iRPE bucket method {method}; expected euc, quant, cross_rows, "
                          f"cross_cols or product")
     ids = ids + beta_int  # shift into [0, num_buckets); product: the column's shift
-    pair_dr, pair_dc = _relative_offsets(height, width, device)
-    ids = ids[pair_dr + (height - 1), pair_dc + (width - 1)]
+    # looked up at (dr, dc) = pos(i) - pos(j) of every pair of the row-major flattened map
+    rows = torch.arange(height, device=device)[:, None].expand(height, width).reshape(-1)
+    cols = torch.arange(width, device=device)[None, :].expand(height, width).reshape(-1)
+    ids = ids[rows[:, None] - rows[None, :] + (height - 1),
+              cols[:, None] - cols[None, :] + (width - 1)]
     if skip > 0:
         length = skip + height * width
         padded = torch.full((length, length), num_buckets_of(method, ratio, 0), dtype=torch.int64,

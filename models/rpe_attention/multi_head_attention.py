@@ -17,12 +17,9 @@ from .rpe_attention_function import apply_masks, as_additive_mask, merge_heads, 
 
 
 class RPEMultiheadAttention(nn.Module):
-    """Multi-head attention whose logits / outputs carry image relative position encodings.
-
-    A drop-in for nn.MultiheadAttention (same parameter names: `in_proj_weight`, `in_proj_bias`,
-    `out_proj`), plus `rpe_q`, `rpe_k`, `rpe_v` built from `rpe_config` (see irpe.get_rpe_config;
-    None gives plain attention). forward takes `hw=(h, w)`, the map the tokens were flattened from
-    (row-major), which the encodings need unless the map is square.
+    """A drop-in for nn.MultiheadAttention (same parameter names) plus `rpe_q`, `rpe_k`, `rpe_v`
+    built from `rpe_config` (irpe.get_rpe_config; None: plain attention). forward takes `hw=(h, w)`,
+    the map the tokens were flattened from (row-major), needed unless the map is square.
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, batch_first=False,
@@ -39,9 +36,7 @@ class RPEMultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim)) if bias else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.rpe_q, self.rpe_k, self.rpe_v = build_rpe(rpe_config, self.head_dim, num_heads)
-        # the compiled CPU kernel for steps 2 to 4 of forward where it applies (see _fused_weights),
-        # and PyTorch's fused attention for steps 2 to 5 on CUDA (see _sdpa_output)
-        self.use_fused_kernels = True
+        self.use_fused_kernels = True  # _fused_weights (CPU), _fast_output (CUDA)
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -152,13 +147,9 @@ class RPEMultiheadAttention(nn.Module):
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[Tensor] = None, hw: Optional[Tuple[int, int]] = None,
                 average_attn_weights: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
-        """query (L, N, E), key and value (S, N, E) ((N, L, E) with batch_first).
-
-        key_padding_mask (N, S): True (or -inf) on keys to ignore. attn_mask (L, S) or
-        (N * H, L, S): bool (True = not allowed) or float (added to the logits). hw = (h, w) of the
-        token map the encodings work on. Returns (output like query, weights (N, L, S) averaged
-        over heads, (N, H, L, S) if not average_attn_weights, or None if not need_weights).
-        The order of the terms is the one the published iRPE-DETR checkpoints were trained with.
+        """As nn.MultiheadAttention's forward (query (L, N, E), key and value (S, N, E)), plus hw,
+        the (h, w) of the token map. The order of the terms is the one the published iRPE-DETR
+        checkpoints were trained with.
         """
         if self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
