@@ -44,8 +44,7 @@ class FrozenBatchNorm2d(nn.Module):
         return scale.to(dtype), shift.to(dtype)
 
     def forward(self, x):
-        # in the input's dtype: under autocast the activations stay bfloat16 / float16 instead of
-        # being promoted to float32 by the float32 buffers (and cast back at the next conv)
+        # in the input's dtype: under autocast the activations are not promoted to float32
         scale, shift = self.scale_shift(x.dtype)
         return x * scale[None, :, None, None] + shift[None, :, None, None]
 
@@ -191,10 +190,8 @@ def set_batchnorm_folding(module: nn.Module, fold: bool) -> None:
 
 
 class BackboneBase(nn.Module):
-    """A torchvision ResNet cut after layer4: {"0": NestedTensor} of layer4 (or "0".."3" for
-    layer1..layer4 with return_interm_layers), each with the padding mask resized to it (DETR's
-    keys). Only layer2..layer4 train, and only if train_backbone.
-    """
+    """A ResNet cut after layer4: {"0": layer4} (or "0".."3": layer1..4 with return_interm_layers),
+    NestedTensors with the padding mask resized. Only layer2..4 train, if train_backbone."""
 
     def __init__(self, backbone: nn.Module, train_backbone: bool, num_channels: int,
                  return_interm_layers: bool):
@@ -217,8 +214,7 @@ class BackboneBase(nn.Module):
         self.num_channels = num_channels
 
     def _channels_last_pays(self, images: Tensor) -> bool:
-        # CPU runs, eager and scripted alike (the same numbers); traced / exported / compiled
-        # graphs keep one layout for every input size
+        # CPU runs, eager and scripted alike; traced / exported / compiled graphs keep one layout
         pays = (images.device.type == "cpu"
                 and min(images.shape[-2], images.shape[-1]) >= self.channels_last_min_side)
         if not torch.jit.is_scripting():
@@ -261,11 +257,8 @@ class Backbone(BackboneBase):
 
 @torch.no_grad()
 def calibrate_frozen_batchnorm(module, images):
-    """Set the statistics of every FrozenBatchNorm2d in `module` to those of its input on `images`.
-
-    For random starts: frozen batch norm cannot adapt, and at its identity start a deep ResNet's
-    activations grow by orders of magnitude. One forward pass (each layer already sees normalised
-    inputs) fixes the scale.
+    """Set the statistics of every FrozenBatchNorm2d in `module` to those of its input on `images`:
+    at its identity start (random weights) a deep ResNet's activations grow by orders of magnitude.
     """
     def set_statistics(bn, inputs):
         x = inputs[0]

@@ -1,8 +1,6 @@
-"""DETR's segmentation: a mask per object query on top of a (possibly frozen) detector.
-
-Each query attends over the encoder memory (`MHAttentionMap`); those maps and the projected C5
-go through an FPN-like convolution stack (`MaskHeadSmallConv`, adding C4, C3, C2) to stride 4.
-"""
+"""DETR's segmentation: a mask per object query on top of a (possibly frozen) detector. Each query
+attends over the encoder memory (`MHAttentionMap`); those maps and the projected C5 go through an
+FPN-like convolution stack (`MaskHeadSmallConv`, adding C4, C3, C2) to stride 4."""
 import io
 from typing import Dict, List, Union
 
@@ -61,11 +59,8 @@ def _repeat_per_query(x: Tensor, num_queries: int) -> Tensor:
 
 
 class MaskHeadSmallConv(nn.Module):
-    """Mask logits at stride 4 from the C5 projection and the per-query attention maps.
-
-    dim = hidden + heads input channels; fpn_dims = channels of C4, C3, C2; context_dim = hidden.
-    GroupNorm with 8 groups needs every width (dim, hidden/2 ... hidden/16) divisible by 8.
-    """
+    """Mask logits at stride 4 from the C5 projection and the per-query attention maps: dim =
+    hidden + heads input channels; fpn_dims = channels of C4, C3, C2; context_dim = hidden."""
 
     def __init__(self, dim, fpn_dims, context_dim):
         super().__init__()
@@ -145,9 +140,7 @@ class MHAttentionMap(nn.Module):
         return self.dropout(weights)
 
 
-# ----------------------------------------------------------------------------------------------
-# Losses (mask logits and 0/1 targets of the matched queries, flattened to (N, pixels))
-
+# Losses of the matched queries' mask logits and 0/1 targets, flattened to (N, pixels)
 def dice_loss(inputs: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
     """sum over masks of 1 - (2 sum(p t) + 1) / (sum p + sum t + 1), p = sigmoid(inputs); / num_boxes."""
     prob = inputs.sigmoid().flatten(1)
@@ -169,9 +162,6 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: float, alpha:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return loss.flatten(1).mean(1).sum() / num_boxes
 
-
-# ----------------------------------------------------------------------------------------------
-# Post-processing
 
 class PostProcessSegm(nn.Module):
     """Adds 'masks' (Q, 1, H, W) uint8, in original image pixels, to the box post-processor's results."""
@@ -198,10 +188,8 @@ class PostProcessSegm(nn.Module):
 
 class PostProcessPanoptic(nn.Module):
     """Model outputs -> COCO panoptic predictions: {'png_string', 'segments_info'} per image.
-
-    is_thing_map: {category id: True for things, False for stuff} (labels it lacks count as stuff).
-    threshold: queries whose best class (not no-object) is less likely than this are dropped.
-    """
+    is_thing_map: {category id: True for things} (others are stuff); queries whose best class
+    (not no-object) is less likely than `threshold` are dropped."""
 
     def __init__(self, is_thing_map, threshold=0.85):
         super().__init__()
@@ -213,12 +201,9 @@ class PostProcessPanoptic(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs, processed_sizes, target_sizes=None):
-        """processed_sizes: per image the (h, w) it had in the batch before padding;
-        target_sizes: the (h, w) of the output id image (default: processed_sizes).
-
-        As in DETR, each image's mask logits over the whole padded batch are resized to its
-        processed size (the padding is not cropped first): exact for images that fill the batch.
-        """
+        """processed_sizes: per image its (h, w) in the batch before padding; target_sizes: the
+        (h, w) of the id image (default: processed_sizes). As in DETR, the mask logits of the whole
+        padded batch are resized to the processed size (uncropped)."""
         if target_sizes is None:
             target_sizes = processed_sizes
         logits, masks = outputs["pred_logits"], outputs["pred_masks"]

@@ -141,9 +141,8 @@ class TransformerDecoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """DETR's transformer. rpe_config: the encoder's iRPE, as an `--enc_rpe2d` string (e.g.
-    "rpe-2.0-product-ctx-1-k") or an irpe.RPEConfigs; None or "" (the default) is DETR's plain
-    attention."""
+    """DETR's transformer. rpe_config: the encoder's iRPE, as an `--enc_rpe2d` string or an
+    irpe.RPEConfigs; None or "" (the default): DETR's plain attention."""
 
     def __init__(self, d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
                  dim_feedforward=2048, dropout=0.1, activation="relu", normalize_before=False,

@@ -13,12 +13,9 @@ the kernels accumulate float16 / bfloat16 sums in float32). In deterministic mod
 sum (atomics) runs as scatter_add. The CPU kernels keep freed large results for reuse
 (cpu_cache_stats, empty_cpu_cache).
 
-Environment variables (read when rpe_ops is imported, except the last):
-    RPE_OPS_FALLBACK=1     use the fallback even if the extension is built
-    RPE_OPS_CPU_CACHE_MB=N keep at most N MB of freed results for reuse
-                           (default 1024; 0: no cache; read at the first large result)
-    RPE_OPS_CHECK_INDEX=1  validate index values on CUDA too (costs a device
-                           synchronisation; on the CPU they are always checked)
+Environment variables: RPE_OPS_FALLBACK=1 (read at import) uses the fallback even if the
+extension is built; RPE_OPS_CPU_CACHE_MB=N keeps at most N MB of freed results (default 1024;
+0: no cache); RPE_OPS_CHECK_INDEX=1 validates index values on CUDA too (a synchronisation).
 """
 import glob
 import importlib.machinery
@@ -31,8 +28,7 @@ import torch
 from . import _fallback
 
 __all__ = ["rpe_index", "rpe_index_backward", "backend", "bucket_sum_implementation",
-           "cpu_cache_stats", "empty_cpu_cache",
-           "EXTENSION_AVAILABLE", "EXTENSION_PATH"]
+           "cpu_cache_stats", "empty_cpu_cache", "EXTENSION_AVAILABLE", "EXTENSION_PATH"]
 
 _BUILD_COMMANDS = ("`pip install --no-build-isolation ./rpe_ops` or "
                    "`cd rpe_ops && python setup.py build_ext --inplace` (from the repository root)")
@@ -158,8 +154,7 @@ torch.library.register_autograd("rpe_ops::rpe_index", _rpe_index_grad,
 torch.library.register_autograd("rpe_ops::rpe_index_backward", _rpe_index_backward_grad,
                                 setup_context=_rpe_index_backward_setup_context)
 
-# Devices whose compiled bucket sum adds with atomics, so that the order of the additions (and
-# the float rounding) varies from run to run.
+# Devices whose compiled bucket sum adds with atomics (its float rounding varies from run to run)
 _ATOMIC_BUCKET_SUM_DEVICES = ("cuda",)
 
 
@@ -173,9 +168,8 @@ def bucket_sum_implementation(device: torch.device) -> str:
     return "operator"
 
 
-# Under torch.export (and so the ONNX exporter) the operators are written as the standard ops of
-# the fallback (gather / scatter_add), so that an exported program needs neither this package nor
-# a custom ONNX domain; eager runs, torch.compile and TorchScript call the registered operators.
+# Under torch.export (and ONNX) the operators are written as the fallback's standard ops, so that
+# an exported program needs neither this package nor a custom ONNX domain.
 @torch.jit.unused
 def _exporting() -> bool:
     return torch.compiler.is_exporting()
@@ -194,13 +188,9 @@ def rpe_index(input: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def rpe_index_backward(grad_output: torch.Tensor, index: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """Bucket sum, the transpose of rpe_index:
-    out[b, h, i, k] = sum of grad_output[b, h, i, j] over all j with index[i, j] == k.
-
-    grad_output (B, H, Lq, Lk), index as for rpe_index. Returns a contiguous (B, H, Lq,
-    num_buckets) tensor of grad_output's dtype (float16 / bfloat16 accumulated in float32),
-    differentiable with respect to grad_output. In deterministic mode CUDA tensors take
-    scatter_add (see bucket_sum_implementation).
+    """Bucket sum, the transpose of rpe_index: out[b, h, i, k] = sum of grad_output[b, h, i, j]
+    over j with index[i, j] == k. grad_output (B, H, Lq, Lk), index as for rpe_index. Returns a
+    contiguous (B, H, Lq, num_buckets) tensor of grad_output's dtype, differentiable.
     """
     if not torch.jit.is_scripting() and _exporting():
         return _fallback.bucket_sum(grad_output, index, num_buckets)

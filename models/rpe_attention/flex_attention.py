@@ -1,16 +1,11 @@
 """iRPE attention in PyTorch's flex attention: softmax(q k^T + iRPE terms + padding mask) v in one
 compiled kernel (and one for its backward), without the (N, H, L, S) bias tensor.
 
-The iRPE terms enter as a `score_mod` reading the small tables of iRPE.lookup: for iRPE on k the
-score of query i and key j gains table[b, h, i, ids[i, j]] (table = q T, or the bias table); on q
-the keys' table, transposed: table[b, h, j, ids[j, i]]; `cross` gives one term for its rows and
-one for its columns. Flex attention's backward sums the tables' gradients. The key padding mask
-is a block mask: blocks of padded keys are skipped.
-
-Compiled kernels are specialised on the sequence length (the CPU kernels do not compile for
-symbolic lengths), so q, k, v and the tables are zero-padded to a multiple of LENGTH_STEP (padded
-keys masked, padded queries' rows dropped): COCO's multi-scale maps (lengths 225..1050) compile
-8 times. Where RPEMultiheadAttention takes this path: `flex_applies` (and its table USE_FLEX).
+The iRPE terms enter as a `score_mod` reading the small tables of iRPE.lookup (on k: score[i, j]
++= table[b, h, i, ids[i, j]]; on q, transposed: table[b, h, j, ids[j, i]]); the key padding mask
+is a block mask. Kernels are specialised on the sequence length, so q, k, v and the tables are
+zero-padded to a multiple of LENGTH_STEP (padded keys masked, padded query rows dropped): COCO's
+multi-scale lengths (225..1050) compile 8 times. Where the layers take this path: `flex_applies`.
 """
 import importlib.util
 import weakref
@@ -56,13 +51,10 @@ def _irpe_mode(layer) -> Optional[str]:
 
 def flex_applies(layer, q: Tensor, need_weights: bool, attn_mask: Optional[Tensor],
                  key_padding_mask: Optional[Tensor]) -> bool:
-    """Whether RPEMultiheadAttention `layer` computes steps 2 to 5 of its forward here.
-
-    Training on CUDA only (in eval mode the layer must give its TorchScript form's numbers, and a
-    first call would wait for a compilation), without attention dropout (flex applies none; the
-    SDPA path does), the weights, iRPE on v, an attn_mask or a float key padding mask; head sizes
-    a power of two >= 16, with Triton, not inside torch.compile / tracing. Then USE_FLEX decides.
-    """
+    """Whether RPEMultiheadAttention `layer` computes steps 2 to 5 of its forward here: training
+    on CUDA only (eval mode gives the TorchScript form's numbers, uncompiled), without attention
+    dropout (flex applies none), the weights, iRPE on v, an attn_mask or a float key padding mask;
+    head sizes a power of two >= 16, with Triton, not traced. Then USE_FLEX decides."""
     head_dim = q.shape[-1]
     return (layer.use_fused_kernels and q.is_cuda and _HAS_TRITON and layer.training
             and layer.dropout == 0.0 and not need_weights and layer.rpe_v is None
@@ -144,8 +136,7 @@ def _block_mask(key_padding_mask: Optional[Tensor], key_length: int, padded_leng
 def irpe_flex_attention(q: Tensor, k: Tensor, v: Tensor, rpe_q=None, rpe_k=None,
                         key_padding_mask: Optional[Tensor] = None, height: Optional[int] = None,
                         width: Optional[int] = None, scaling: float = 1.0) -> Tensor:
-    """softmax(q k^T + rpe_k(q) + rpe_q(k * scaling)^T, keys masked by key_padding_mask) v.
-
+    """softmax(q k^T + rpe_k(q) + rpe_q(k * scaling)^T, keys masked by key_padding_mask) v:
     q (N, H, L, D), already scaled; k, v (N, H, S, D); rpe_q, rpe_k iRPE / iRPECross modules or
     None; key_padding_mask (N, S) bool, True on keys to ignore. Returns (N, H, L, D) in q's dtype:
     the plain path's, up to float rounding (a row whose keys are all masked gives zeros, not nan).

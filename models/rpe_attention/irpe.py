@@ -1,11 +1,9 @@
 """iRPE: image relative position encoding (Wu et al., "Rethinking and Improving Relative Position
 Encoding for Vision Transformer", ICCV 2021).
 
-A relative position (dr, dc) between a query and a key token of an h x w map is mapped to a bucket
-by a piecewise function (`piecewise_index`) and one of four methods (`bucket_ids`). Each bucket owns
-an entry of a learned lookup table, which enters attention either as a bias on the logits or
-contextually (through a product with the queries, keys or attention weights). Use in a model of
-your own: docs/module-api.md.
+The relative position of a query and a key token of an h x w map falls into a bucket
+(`piecewise_index`, `bucket_ids`) whose learned table entry enters attention as a bias on the
+logits or contextually (a product with q, k or the weights). Use: docs/module-api.md.
 """
 import math
 from dataclasses import dataclass
@@ -14,8 +12,6 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-# rpe_ops runs the compiled lookup kernels when built, and the same lookups in plain PyTorch
-# (gather / scatter_add) otherwise
 from rpe_ops import rpe_index, rpe_index_backward
 
 from .id_cache import DeviceBoundedCache
@@ -30,9 +26,6 @@ RPE_STRING_GRAMMAR = (
     "(bias on v does not exist). Example: rpe-2.0-product-ctx-1-k"
 )
 
-
-# ----------------------------------------------------------------------------------------------
-# Bucket arithmetic
 
 def piecewise_index(relative_position: Tensor, alpha: float, beta: float, gamma: float) -> Tensor:
     """The piecewise index g(x) of the paper (Eq. 18), as int64: x rounded where |x| <= alpha,
@@ -60,8 +53,7 @@ def compute_bucket_ids(method: str, ratio: float, height: int, width: int, skip:
     that TorchScript compiles it and torch.export traces it with a symbolic map size."""
     alpha, beta, gamma = 1 * ratio, 2 * ratio, 8 * ratio
     beta_int = int(beta)
-    # an id depends on the offset (dr, dc) alone, which takes only (2h - 1) x (2w - 1) values: the
-    # ids are computed for those, then looked up for the (L, L) pairs
+    # an id depends on the offset (dr, dc) alone: computed for its (2h - 1) x (2w - 1) values
     dr = torch.arange(1 - height, height, device=device)[:, None].expand(2 * height - 1, 2 * width - 1)
     dc = torch.arange(1 - width, width, device=device)[None, :].expand(2 * height - 1, 2 * width - 1)
     if method == "euc":
@@ -115,9 +107,6 @@ def _upload(ids: Tensor, device: torch.device) -> Tensor:
     return ids.to(device)
 
 
-# ----------------------------------------------------------------------------------------------
-# Configuration
-
 @dataclass(frozen=True)
 class RPEConfig:
     """How one of q, k, v is encoded."""
@@ -142,11 +131,8 @@ class RPEConfigs:
 
 
 def get_rpe_config(ratio=1.9, method="product", mode="ctx", shared_head=True, skip=0, rpe_on="k"):
-    """The iRPE configuration (RPEConfigs) of an attention layer; see RPEConfig for the fields.
-
-    mode 'contextual' is accepted for ctx; rpe_on: which of q, k, v are encoded, e.g. 'k' or
-    'qkv'. Raises ValueError for an invalid combination.
-    """
+    """The iRPE configuration (RPEConfigs, fields as RPEConfig's; mode 'contextual' means ctx) of
+    an attention layer encoding the rpe_on of q, k, v (e.g. 'k' or 'qkv'). ValueError if invalid."""
     method = str(method).lower()
     mode = {"contextual": "ctx"}.get(str(mode).lower(), str(mode).lower())
     if method not in METHODS:
@@ -191,16 +177,11 @@ def parse_rpe_string(text, skip=0):
         raise invalid(f"{err}; ") from None
 
 
-# ----------------------------------------------------------------------------------------------
-# Modules
-
 class iRPE(nn.Module):
-    """One relative position encoding with a table over the buckets of one method.
-
+    """One relative position encoding with a table T over the buckets b(i, j) of one method.
     For q or k (`transposed`), forward(x (B, H, L, D)) gives logits (B or 1, H, L, L): bias mode
     T[h, b(i, j)], ctx mode sum_d x[n, h, i, d] T[h, d, b(i, j)]. For v (ctx only),
-    forward(attn (B, H, L, L)) gives (B, H, L, D): sum_j attn[n, h, i, j] T[h, b(i, j), :].
-    """
+    forward(attn (B, H, L, L)) gives (B, H, L, D): sum_j attn[n, h, i, j] T[h, b(i, j), :]."""
 
     def __init__(self, head_dim, num_heads, config, transposed=True, method=None):
         super().__init__()

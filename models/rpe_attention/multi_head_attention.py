@@ -1,7 +1,4 @@
-"""RPEMultiheadAttention: nn.MultiheadAttention with iRPE, taking the token map size `hw`.
-
-Shapes: L target length, S source length, N batch, E embedding, H heads, D = E / H head size.
-"""
+"""RPEMultiheadAttention: nn.MultiheadAttention with iRPE, taking the token map size `hw`."""
 from typing import Optional, Tuple
 
 import torch
@@ -110,11 +107,9 @@ class RPEMultiheadAttention(nn.Module):
     def _sdpa_output(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                      key_padding_mask: Optional[Tensor], height: Optional[int],
                      width: Optional[int], scaling: float) -> Tensor:
-        """Steps 2 to 5 below (without rpe_v) in F.scaled_dot_product_attention, the dropout in
-        the kernel: the plain path's output up to float rounding (other dropout draws; a query
-        row whose keys are all masked gives the kernel's value, not nan), without keeping the
-        (N, H, L, S) weights. With a bias the memory-efficient kernel runs (it returns the bias
-        gradient; flash takes no bias, cuDNN returns no bias gradient); math is the fallback."""
+        """Steps 2 to 5 below (without rpe_v) in F.scaled_dot_product_attention: the plain path's
+        output up to float rounding, without keeping the (N, H, L, S) weights. With a bias the
+        memory-efficient kernel runs (flash takes no bias, cuDNN returns no bias gradient)."""
         bias = self._logit_bias(q, k, attn_mask, key_padding_mask, height, width, scaling)
         dropout_p = self.dropout if self.training else 0.0
         backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
