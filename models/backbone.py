@@ -44,8 +44,7 @@ class FrozenBatchNorm2d(nn.Module):
         return scale.to(dtype), shift.to(dtype)
 
     def forward(self, x):
-        # in the input's dtype: under autocast the activations stay bfloat16 / float16 instead of
-        # being promoted to float32 by the float32 buffers (and cast back at the next conv)
+        # in the input's dtype: under autocast the activations are not promoted to float32
         scale, shift = self.scale_shift(x.dtype)
         return x * scale[None, :, None, None] + shift[None, :, None, None]
 
@@ -53,16 +52,12 @@ class FrozenBatchNorm2d(nn.Module):
                    padding: Tuple[int, int], dilation: Tuple[int, int], groups: int,
                    relu: bool = False, residual: Optional[Tensor] = None,
                    residual_is_scratch: bool = False) -> Tensor:
-        """self(conv2d(x, weight, ...)) (+ residual) (then relu) as one convolution whose kernel and
-        bias carry the affine map: the same values up to float rounding, without two more passes
-        over (and, in training, two more saved copies of) the convolution's output. The weight's
-        gradient flows through. The residual is added in place (into the convolution's output).
-        With self.fold False: the convolution, then this layer as a call of its own.
-
-        residual_is_scratch: the caller owns the residual and no longer needs it; a CPU run
-        without autograd then writes conv + residual + relu into it in one oneDNN call (the same
-        values: the sum and relu are the convolution's post-ops), which spares the allocation
-        of a fresh output and two passes over it."""
+        """self(conv2d(x, weight, ...)) (+ residual, in place) (then relu) as one convolution whose
+        kernel and bias carry the affine map: the same values up to float rounding, two passes
+        over the output fewer. With self.fold False: the convolution, then this layer's call.
+        residual_is_scratch (the caller no longer needs the residual): without autograd on the
+        CPU, conv + residual + relu are written into the residual in one oneDNN call, with no
+        fresh output and two passes fewer."""
         if not self.fold:
             y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
             y = self.forward(y) if torch.jit.is_scripting() else self(y)
@@ -126,8 +121,7 @@ def _imagenet_weights(name):
 
 
 def load_backbone_weights(resnet, name, weights):
-    """Initialise `resnet` from 'imagenet' (torchvision's weights, cached or downloaded), 'none'
-    (keep the random start) or the path of a torchvision ResNet state dict."""
+    """Initialise `resnet` from 'imagenet', 'none' (random) or a torchvision state dict's path."""
     if weights in (None, "", "none"):
         return
     if weights == "imagenet":
@@ -164,9 +158,8 @@ class _Shortcut:
 
 
 class _FoldedBasicBlock(_Shortcut, BasicBlock):
-    """torchvision's BasicBlock (same modules and state dict) with each frozen batch norm folded
-    into the convolution before it (FrozenBatchNorm2d.after_conv). x_is_scratch: the caller will
-    not read x again (_ResNetBody says so of the tensors it passes between blocks)."""
+    """torchvision's BasicBlock with each frozen batch norm folded into the conv before it.
+    x_is_scratch: the caller will not read x again (_ResNetBody passes it between blocks)."""
 
     def forward(self, x: Tensor, x_is_scratch: bool = False) -> Tensor:
         identity = self._identity(x)
@@ -197,9 +190,8 @@ _FOLDED = {BasicBlock: _FoldedBasicBlock, Bottleneck: _FoldedBottleneck}
 
 
 class _ResNetBody(IntermediateLayerGetter):
-    """IntermediateLayerGetter of a torchvision ResNet whose stem convolution carries its frozen
-    batch norm (as the blocks do). It tells the blocks after a layer's first that their input
-    is a tensor of its own that nothing reads afterwards."""
+    """IntermediateLayerGetter of a ResNet whose stem convolution carries its frozen batch norm;
+    it tells the blocks after a layer's first that their input is its own scratch tensor."""
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         out: Dict[str, Tensor] = {}
@@ -231,20 +223,16 @@ def _foldable(resnet: nn.Module) -> bool:
 
 
 def set_batchnorm_folding(module: nn.Module, fold: bool) -> None:
-    """Fold the frozen batch norms of a backbone's ResNet into their convolutions (the default),
-    or run each after its convolution as a layer of its own (fold=False: its hooks then fire)."""
+    """Fold the frozen batch norms into their convolutions (the default), or run each as a layer
+    of its own (fold=False: its hooks then fire)."""
     for m in module.modules():
         if isinstance(m, FrozenBatchNorm2d):
             m.fold = fold
 
 
 class BackboneBase(nn.Module):
-    """A torchvision ResNet cut after layer4, returning {"0": NestedTensor} of layer4 (or "0".."3"
-    for layer1..layer4 with return_interm_layers, strides 4, 8, 16, 32), each with the padding
-    mask resized to it. The keys are DETR's, so code written for its backbone reads them as is.
-
-    Only layer2..layer4 train, and only if train_backbone.
-    """
+    """A ResNet cut after layer4: {"0": layer4} (or "0".."3": layer1..4 with return_interm_layers),
+    NestedTensors with the padding mask resized. Only layer2..4 train, if train_backbone."""
 
     def __init__(self, backbone: nn.Module, train_backbone: bool, num_channels: int,
                  return_interm_layers: bool):
@@ -255,10 +243,8 @@ class BackboneBase(nn.Module):
             self.strides, layers = [4, 8, 16, 32], ["layer1", "layer2", "layer3", "layer4"]
         else:
             self.strides, layers = [32], ["layer4"]
-        # DETR's output keys; the ResNet's modules keep their names, and so do the state_dict keys
         return_layers = {name: str(i) for i, name in enumerate(layers)}
-        if _foldable(backbone):
-            # frozen batch norm folded into the convolutions (same state dict, see _ResNetBody)
+        if _foldable(backbone):  # the same modules and state dict, batch norm folded
             for m in backbone.modules():
                 if type(m) in _FOLDED:
                     m.__class__ = _FOLDED[type(m)]
@@ -269,8 +255,7 @@ class BackboneBase(nn.Module):
         self.num_channels = num_channels
 
     def _channels_last_pays(self, images: Tensor) -> bool:
-        # CPU runs, eager and scripted alike (the same numbers); traced / exported / compiled
-        # graphs keep one layout for every input size
+        # CPU runs, eager and scripted alike; traced / exported / compiled graphs keep one layout
         pays = (images.device.type == "cpu"
                 and min(images.shape[-2], images.shape[-1]) >= self.channels_last_min_side)
         if not torch.jit.is_scripting():
@@ -284,10 +269,9 @@ class BackboneBase(nn.Module):
         out: Dict[str, NestedTensor] = {}
         images = tensor_list.tensors
         if self._channels_last_pays(images):
-            # channels-last input: oneDNN's convolutions then skip the layout conversions around
-            # every call (a ResNet-50 at 800x1199 runs 1.1x faster in eval, 1.2x in training on
-            # 2 cores); same values up to float rounding. Small images lose by it (the toy demo's
-            # training steps take 1.4x as long), and GPUs keep PyTorch's default layout.
+            # oneDNN's convolutions then skip the layout conversions around every call (ResNet-50
+            # at 800x1199: 1.1x faster in eval, 1.2x in training on 2 cores); same values up to
+            # float rounding. Small images lose by it (the toy demo: 1.4x slower steps).
             images = images.contiguous(memory_format=torch.channels_last)
         for name, x in self.body(images).items():
             resized = F.interpolate(mask[None].float(), size=x.shape[-2:]).to(torch.bool)[0]
@@ -296,9 +280,7 @@ class BackboneBase(nn.Module):
 
 
 class Backbone(BackboneBase):
-    """A ResNet with frozen batch norm, by torchvision name. weights: 'none' (random start, the
-    default), 'imagenet' (torchvision's ImageNet weights, downloaded once) or the path of a
-    torchvision ResNet state dict."""
+    """A ResNet with frozen batch norm, by torchvision name; weights as load_backbone_weights."""
 
     def __init__(self, name: str, train_backbone: bool, return_interm_layers: bool, dilation: bool,
                  weights: str = "none"):
@@ -316,11 +298,8 @@ class Backbone(BackboneBase):
 
 @torch.no_grad()
 def calibrate_frozen_batchnorm(module, images):
-    """Set the statistics of every FrozenBatchNorm2d in `module` to those of its input on `images`.
-
-    For backbones that start from random weights: frozen batch norm cannot adapt, and at its
-    identity start the activations of a deep ResNet grow by orders of magnitude. One forward
-    pass, layer by layer (each layer already sees normalised inputs), fixes the scale.
+    """Set the statistics of every FrozenBatchNorm2d in `module` to those of its input on `images`:
+    at its identity start (random weights) a deep ResNet's activations grow by orders of magnitude.
     """
     def set_statistics(bn, inputs):
         x = inputs[0]

@@ -34,18 +34,20 @@ class DETR(nn.Module):
     def forward(self, samples: Union[NestedTensor, Tensor, List[Tensor]]
                 ) -> Dict[str, Union[Tensor, List[Dict[str, Tensor]]]]:
         """samples: a NestedTensor (images (B, 3, H, W), mask (B, H, W) True on padding), a batch
-        (B, 3, H, W) without padding, or a list of (3, H, W) images of any sizes.
-
-        Returns 'pred_logits' (B, Q, num_classes + 1), 'pred_boxes' (B, Q, 4) normalised cxcywh,
-        and with aux_loss 'aux_outputs', the same for every decoder layer but the last.
-        """
+        (B, 3, H, W) or a list of (3, H, W) images. Returns 'pred_logits' (B, Q, num_classes + 1),
+        'pred_boxes' (B, Q, 4) normalised cxcywh, and with aux_loss 'aux_outputs', the same for
+        every decoder layer but the last."""
         if not isinstance(samples, NestedTensor):
             samples = nested_tensor_from_tensor_list(samples)
         features, pos = self.backbone(samples)
         src, mask = features[-1].decompose()
         if mask is None:
             raise ValueError("DETR needs the padding mask of the NestedTensor")
-        hs = self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0]
+        return self.predictions(
+            self.transformer(self.input_proj(src), mask, self.query_embed.weight, pos[-1])[0])
+
+    def predictions(self, hs: Tensor) -> Dict[str, Union[Tensor, List[Dict[str, Tensor]]]]:
+        """The heads' outputs (see forward) for the decoder's outputs hs (layers, B, Q, C)."""
         outputs_class = self.class_embed(hs)
         outputs_coord = self.bbox_embed(hs).sigmoid()
         out: Dict[str, Union[Tensor, List[Dict[str, Tensor]]]] = {
@@ -131,10 +133,7 @@ class SetCriterion(nn.Module):
 
     def forward(self, outputs, targets):
         """outputs: the model's dict; targets: list of dicts with 'labels' and normalised 'boxes'.
-
-        Returns the unweighted losses; aux layer i's carry the suffix _i. Weight them with
-        weight_dict.
-        """
+        Returns the unweighted losses (weight_dict weights them); aux layer i's end in _i."""
         indices = self.matcher({k: v for k, v in outputs.items() if k != "aux_outputs"}, targets)
         # box losses are normalised by the number of target boxes, averaged over processes
         num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))],
@@ -188,9 +187,8 @@ class MLP(nn.Module):
 
 
 def build(args):
-    """(model, criterion, postprocessors) from main.py's options. Two come from the data, and
-    main.py sets them: args.num_classes (the largest category id + 1) and, for panoptic data,
-    args.is_thing_map ({category id: True for things}; the panoptic post-processing)."""
+    """(model, criterion, postprocessors) from main.py's options, with two that main.py sets from
+    the data: args.num_classes and, for panoptic data, args.is_thing_map."""
     num_classes = getattr(args, "num_classes", None)
     if not num_classes:
         raise ValueError("args.num_classes is not set: give --num_classes, the largest category "

@@ -7,11 +7,8 @@ from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
 
 
 class HungarianMatcher(nn.Module):
-    """One-to-one assignment of targets to predictions minimising
-    cost_bbox * L1(cxcywh) - cost_class * prob[target class] - cost_giou * GIoU(xyxy).
-
-    Predictions left over are matched to "no object".
-    """
+    """One-to-one assignment of targets to predictions (the others: "no object") minimising
+    cost_bbox * L1(cxcywh) - cost_class * prob[target class] - cost_giou * GIoU(xyxy)."""
 
     def __init__(self, cost_class=1.0, cost_bbox=1.0, cost_giou=1.0):
         super().__init__()
@@ -24,11 +21,8 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward(self, outputs, targets):
         """outputs: 'pred_logits' (B, Q, C + 1), 'pred_boxes' (B, Q, 4); targets: a list of B dicts
-        with 'labels' (T_b,) and 'boxes' (T_b, 4) normalised cxcywh.
-
-        Returns a list of B pairs (prediction indices, target indices), int64, each of length
-        min(Q, T_b).
-        """
+        with 'labels' (T_b,) and 'boxes' (T_b, 4) normalised cxcywh. Returns B pairs (prediction
+        indices, target indices), int64, each of length min(Q, T_b)."""
         batch, num_queries = outputs["pred_logits"].shape[:2]
         prob = outputs["pred_logits"].flatten(0, 1).softmax(-1)
         pred_boxes = outputs["pred_boxes"].flatten(0, 1)

@@ -8,12 +8,9 @@ from util.misc import NestedTensor
 
 
 class PositionEmbeddingSine(nn.Module):
-    """Sine/cosine encoding of the (row, column) position of every pixel not in the padding.
-
-    Positions are the cumulative count of unpadded pixels along each axis, optionally normalised
-    by the last value (so an image spans [0, scale] whatever its padding). Output (B, 2F, H, W):
-    F row features then F column features, each interleaving sin (even) and cos (odd).
-    """
+    """Sine/cosine encoding (B, 2F, H, W) of the cumulative counts of unpadded pixels along rows
+    and columns (normalised: an image spans [0, scale]), F row features then F column features,
+    each interleaving sin (even) and cos (odd)."""
 
     def __init__(self, num_pos_feats=64, temperature=10000, normalize=False, scale=None):
         super().__init__()

@@ -1,11 +1,6 @@
-"""DETR's segmentation: a mask per object query on top of a (possibly frozen) detector.
-
-Each query's decoder output attends over the encoder memory (`MHAttentionMap`, one map per head,
-no values); those maps, beside the projected C5 features, go through a small FPN-like convolution
-stack (`MaskHeadSmallConv`) that adds the backbone's C4, C3 and C2 on the way up to stride 4.
-`PostProcessSegm` turns the mask logits into binary instance masks, `PostProcessPanoptic` into a
-COCO panoptic id image; `sigmoid_focal_loss` and `dice_loss` are the training losses.
-"""
+"""DETR's segmentation: a mask per object query on top of a (possibly frozen) detector. Each query
+attends over the encoder memory (`MHAttentionMap`); those maps and the projected C5 go through an
+FPN-like convolution stack (`MaskHeadSmallConv`, adding C4, C3, C2) to stride 4."""
 import io
 from typing import Dict, List, Union
 
@@ -35,11 +30,8 @@ class DETRsegm(nn.Module):
 
     def forward(self, samples: Union[NestedTensor, Tensor, List[Tensor]]
                 ) -> Dict[str, Union[Tensor, List[Dict[str, Tensor]]]]:
-        """The detector's outputs plus 'pred_masks' (B, Q, H/4, W/4), mask logits of every query.
-
-        samples as for DETR. The backbone must return its four stages (C2..C5), as it does when
-        built with masks on.
-        """
+        """The detector's outputs plus 'pred_masks' (B, Q, H/4, W/4), mask logits of every query;
+        samples as for DETR. The backbone must return its four stages (C2..C5)."""
         if not isinstance(samples, NestedTensor):
             samples = nested_tensor_from_tensor_list(samples)
         features, pos = self.detr.backbone(samples)
@@ -51,13 +43,7 @@ class DETRsegm(nn.Module):
             raise ValueError("DETRsegm needs the padding mask of the NestedTensor")
         src_proj = self.detr.input_proj(src)
         hs, memory = self.detr.transformer(src_proj, mask, self.detr.query_embed.weight, pos[-1])
-        outputs_class = self.detr.class_embed(hs)
-        outputs_coord = self.detr.bbox_embed(hs).sigmoid()
-        out: Dict[str, Union[Tensor, List[Dict[str, Tensor]]]] = {
-            "pred_logits": outputs_class[-1], "pred_boxes": outputs_coord[-1]}
-        if self.detr.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": c, "pred_boxes": b}
-                                  for c, b in zip(outputs_class[:-1], outputs_coord[:-1])]
+        out = self.detr.predictions(hs)
         # the masks come from the last decoder layer only
         bbox_mask = self.bbox_attention(hs[-1], memory, mask)
         seg_masks = self.mask_head(src_proj, bbox_mask,
@@ -73,11 +59,8 @@ def _repeat_per_query(x: Tensor, num_queries: int) -> Tensor:
 
 
 class MaskHeadSmallConv(nn.Module):
-    """Mask logits at stride 4 from the C5 projection and the per-query attention maps.
-
-    dim = hidden + heads input channels; fpn_dims = channels of C4, C3, C2; context_dim = hidden.
-    GroupNorm with 8 groups needs every width (dim, hidden/2 ... hidden/16) divisible by 8.
-    """
+    """Mask logits at stride 4 from the C5 projection and the per-query attention maps: dim =
+    hidden + heads input channels; fpn_dims = channels of C4, C3, C2; context_dim = hidden."""
 
     def __init__(self, dim, fpn_dims, context_dim):
         super().__init__()
@@ -86,20 +69,13 @@ class MaskHeadSmallConv(nn.Module):
             raise ValueError(f"the mask head's GroupNorm (8 groups) needs hidden_dim + nheads and "
                              f"hidden_dim / 2, / 4, / 8, / 16 divisible by 8 (got widths {widths}): "
                              f"use --hidden_dim a multiple of 128 and --nheads a multiple of 8")
-        self.lay1 = nn.Conv2d(dim, dim, 3, padding=1)
-        self.gn1 = nn.GroupNorm(8, dim)
-        self.lay2 = nn.Conv2d(dim, widths[1], 3, padding=1)
-        self.gn2 = nn.GroupNorm(8, widths[1])
-        self.lay3 = nn.Conv2d(widths[1], widths[2], 3, padding=1)
-        self.gn3 = nn.GroupNorm(8, widths[2])
-        self.lay4 = nn.Conv2d(widths[2], widths[3], 3, padding=1)
-        self.gn4 = nn.GroupNorm(8, widths[3])
-        self.lay5 = nn.Conv2d(widths[3], widths[4], 3, padding=1)
-        self.gn5 = nn.GroupNorm(8, widths[4])
+        # lay1 (dim -> dim), lay2 (dim -> hidden / 2) ... lay5 (-> hidden / 16), each with gn{i}
+        for i, (width_in, width) in enumerate(zip([dim] + widths[:-1], widths), 1):
+            setattr(self, f"lay{i}", nn.Conv2d(width_in, width, 3, padding=1))
+            setattr(self, f"gn{i}", nn.GroupNorm(8, width))
         self.out_lay = nn.Conv2d(widths[4], 1, 3, padding=1)
-        self.adapter1 = nn.Conv2d(fpn_dims[0], widths[1], 1)
-        self.adapter2 = nn.Conv2d(fpn_dims[1], widths[2], 1)
-        self.adapter3 = nn.Conv2d(fpn_dims[2], widths[3], 1)
+        for i in range(1, 4):  # adapter{i}: C4, C3, C2 to the width of lay{i + 1}
+            setattr(self, f"adapter{i}", nn.Conv2d(fpn_dims[i - 1], widths[i], 1))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)
@@ -149,10 +125,8 @@ class MHAttentionMap(nn.Module):
         self.normalize_fact = float(hidden_dim / num_heads) ** -0.5
 
     def forward(self, q: Tensor, k: Tensor, mask: Tensor) -> Tensor:
-        """q (B, Q, query_dim), k (B, query_dim, h, w), mask (B, h, w) True on padding.
-
-        Returns (B, Q, heads, h, w).
-        """
+        """q (B, Q, query_dim), k (B, query_dim, h, w), mask (B, h, w) True on padding ->
+        (B, Q, heads, h, w)."""
         q = self.q_linear(q)
         # k_linear applied at every position of the map, as a 1x1 convolution
         k = F.conv2d(k, self.k_linear.weight[:, :, None, None], self.k_linear.bias)
@@ -166,9 +140,7 @@ class MHAttentionMap(nn.Module):
         return self.dropout(weights)
 
 
-# ----------------------------------------------------------------------------------------------
-# Losses (mask logits and 0/1 targets of the matched queries, flattened to (N, pixels))
-
+# Losses of the matched queries' mask logits and 0/1 targets, flattened to (N, pixels)
 def dice_loss(inputs: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
     """sum over masks of 1 - (2 sum(p t) + 1) / (sum p + sum t + 1), p = sigmoid(inputs); / num_boxes."""
     prob = inputs.sigmoid().flatten(1)
@@ -180,10 +152,8 @@ def dice_loss(inputs: Tensor, targets: Tensor, num_boxes: float) -> Tensor:
 
 def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: float, alpha: float = 0.25,
                        gamma: float = 2.0) -> Tensor:
-    """RetinaNet's focal loss per pixel, averaged over pixels, summed over masks; / num_boxes.
-
-    alpha < 0 turns the class balancing off.
-    """
+    """RetinaNet's focal loss per pixel, averaged over pixels, summed over masks; / num_boxes
+    (alpha < 0: no class balancing)."""
     prob = inputs.sigmoid()
     ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
     p_t = prob * targets + (1 - prob) * (1 - targets)
@@ -192,9 +162,6 @@ def sigmoid_focal_loss(inputs: Tensor, targets: Tensor, num_boxes: float, alpha:
         loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
     return loss.flatten(1).mean(1).sum() / num_boxes
 
-
-# ----------------------------------------------------------------------------------------------
-# Post-processing
 
 class PostProcessSegm(nn.Module):
     """Adds 'masks' (Q, 1, H, W) uint8, in original image pixels, to the box post-processor's results."""
@@ -221,10 +188,8 @@ class PostProcessSegm(nn.Module):
 
 class PostProcessPanoptic(nn.Module):
     """Model outputs -> COCO panoptic predictions: {'png_string', 'segments_info'} per image.
-
-    is_thing_map: {category id: True for things, False for stuff} (labels it lacks count as stuff).
-    threshold: queries whose best class (not no-object) is less likely than this are dropped.
-    """
+    is_thing_map: {category id: True for things} (others are stuff); queries whose best class
+    (not no-object) is less likely than `threshold` are dropped."""
 
     def __init__(self, is_thing_map, threshold=0.85):
         super().__init__()
@@ -236,12 +201,9 @@ class PostProcessPanoptic(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs, processed_sizes, target_sizes=None):
-        """processed_sizes: per image the (h, w) it had in the batch before padding;
-        target_sizes: the (h, w) of the output id image (default: processed_sizes).
-
-        As in DETR, each image's mask logits over the whole padded batch are resized to its
-        processed size (the padding is not cropped first): exact for images that fill the batch.
-        """
+        """processed_sizes: per image its (h, w) in the batch before padding; target_sizes: the
+        (h, w) of the id image (default: processed_sizes). As in DETR, the mask logits of the whole
+        padded batch are resized to the processed size (uncropped)."""
         if target_sizes is None:
             target_sizes = processed_sizes
         logits, masks = outputs["pred_logits"], outputs["pred_masks"]

@@ -1,9 +1,6 @@
-"""DETR's encoder-decoder transformer; the encoder's self-attention carries iRPE.
-
-Differences from torch.nn.Transformer: positional encodings are added to queries and keys in every
-attention layer, the decoder returns the (normalised) output of every layer, and the encoder
-self-attention takes relative position encodings over the h x w feature map.
-"""
+"""DETR's encoder-decoder transformer. Unlike torch.nn.Transformer, positional encodings are added
+to queries and keys in every attention layer, the decoder returns the (normalised) output of every
+layer, and the encoder self-attention carries iRPE over the h x w feature map."""
 import copy
 from typing import List, Optional, Tuple
 
@@ -18,29 +15,38 @@ def _with_pos(x: Tensor, pos: Optional[Tensor]) -> Tensor:
     return x if pos is None else x + pos
 
 
-class TransformerEncoderLayer(nn.Module):
+class _FeedForwardLayer(nn.Module):
+    """What the encoder and decoder layers share: the feed-forward block, and per sublayer a
+    layer norm `norm{i}` and a dropout `dropout{i}`."""
+
+    def _add_feedforward(self, d_model, dim_feedforward, dropout, activation, normalize_before,
+                         sublayers):
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        for i in range(1, sublayers + 1):
+            setattr(self, f"norm{i}", nn.LayerNorm(d_model))
+        for i in range(1, sublayers + 1):
+            setattr(self, f"dropout{i}", nn.Dropout(dropout))
+        self.activation = _get_activation_fn(activation)
+        self.normalize_before = normalize_before
+
+    def _feedforward(self, x):
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+
+
+class TransformerEncoderLayer(_FeedForwardLayer):
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  normalize_before=False, rpe_config=None):
         super().__init__()
         self.self_attn = RPEMultiheadAttention(d_model, nhead, dropout=dropout, rpe_config=rpe_config)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.activation = _get_activation_fn(activation)
-        self.normalize_before = normalize_before
+        self._add_feedforward(d_model, dim_feedforward, dropout, activation, normalize_before, 2)
 
     def _attend(self, x: Tensor, src_mask: Optional[Tensor], src_key_padding_mask: Optional[Tensor],
                 pos: Optional[Tensor], hw: Optional[Tuple[int, int]]) -> Tensor:
         q = k = _with_pos(x, pos)
         return self.self_attn(q, k, value=x, attn_mask=src_mask,
                               key_padding_mask=src_key_padding_mask, need_weights=False, hw=hw)[0]
-
-    def _feedforward(self, x):
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None,
                 src_key_padding_mask: Optional[Tensor] = None, pos: Optional[Tensor] = None,
@@ -52,23 +58,13 @@ class TransformerEncoderLayer(nn.Module):
         return self.norm2(src + self.dropout2(self._feedforward(src)))
 
 
-class TransformerDecoderLayer(nn.Module):
+class TransformerDecoderLayer(_FeedForwardLayer):
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  normalize_before=False):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
         self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1 = nn.LayerNorm(d_model)
-        self.norm2 = nn.LayerNorm(d_model)
-        self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
-        self.activation = _get_activation_fn(activation)
-        self.normalize_before = normalize_before
+        self._add_feedforward(d_model, dim_feedforward, dropout, activation, normalize_before, 3)
 
     def _self_attend(self, x: Tensor, mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
                      query_pos: Optional[Tensor]) -> Tensor:
@@ -82,9 +78,6 @@ class TransformerDecoderLayer(nn.Module):
         return self.multihead_attn(query=_with_pos(x, query_pos), key=_with_pos(memory, pos),
                                    value=memory, attn_mask=mask, key_padding_mask=key_padding_mask,
                                    need_weights=False)[0]
-
-    def _feedforward(self, x):
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
                 memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
@@ -148,9 +141,8 @@ class TransformerDecoder(nn.Module):
 
 
 class Transformer(nn.Module):
-    """DETR's transformer. rpe_config: the encoder's iRPE, as an `--enc_rpe2d` string (e.g.
-    "rpe-2.0-product-ctx-1-k") or an irpe.RPEConfigs; None or "" (the default) is DETR's plain
-    attention."""
+    """DETR's transformer. rpe_config: the encoder's iRPE, as an `--enc_rpe2d` string or an
+    irpe.RPEConfigs; None or "" (the default): DETR's plain attention."""
 
     def __init__(self, d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6,
                  dim_feedforward=2048, dropout=0.1, activation="relu", normalize_before=False,
@@ -178,10 +170,8 @@ class Transformer(nn.Module):
 
     def forward(self, src: Tensor, mask: Tensor, query_embed: Tensor,
                 pos_embed: Tensor) -> Tuple[Tensor, Tensor]:
-        """src (B, C, H, W), mask (B, H, W) True on padding, query_embed (Q, C), pos_embed like src.
-
-        Returns (decoder outputs (layers, B, Q, C), memory (B, C, H, W)).
-        """
+        """src (B, C, H, W), mask (B, H, W) True on padding, query_embed (Q, C), pos_embed like src
+        -> (decoder outputs (layers, B, Q, C), memory (B, C, H, W))."""
         bs, c, h, w = src.shape
         src = src.flatten(2).permute(2, 0, 1)
         pos_embed = pos_embed.flatten(2).permute(2, 0, 1)
@@ -206,14 +196,8 @@ def _get_activation_fn(activation):
 
 
 def build_transformer(args):
-    return Transformer(
-        d_model=args.hidden_dim,
-        dropout=args.dropout,
-        nhead=args.nheads,
-        dim_feedforward=args.dim_feedforward,
-        num_encoder_layers=args.enc_layers,
-        num_decoder_layers=args.dec_layers,
-        normalize_before=args.pre_norm,
-        return_intermediate_dec=True,
-        rpe_config=parse_rpe_string(getattr(args, "enc_rpe2d", "")),
-    )
+    return Transformer(d_model=args.hidden_dim, dropout=args.dropout, nhead=args.nheads,
+                       dim_feedforward=args.dim_feedforward, num_encoder_layers=args.enc_layers,
+                       num_decoder_layers=args.dec_layers, normalize_before=args.pre_norm,
+                       return_intermediate_dec=True,
+                       rpe_config=parse_rpe_string(getattr(args, "enc_rpe2d", "")))

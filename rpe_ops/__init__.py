@@ -1,55 +1,21 @@
-"""Bucket lookup and bucket sum operators for contextual iRPE.
-
-Contextual relative position encoding turns every attention logit into a
-lookup in a small per-query table of bucket scores:
+"""Bucket lookup and bucket sum operators for contextual iRPE (see docs/rpe_ops.md).
 
     rpe_index(input, index)[b, h, i, j] = input[b, h, i, index[i, j]]
-
-with input (B, H, Lq, num_buckets), index (Lq, Lk) -> output (B, H, Lq, Lk).
-Its transpose sums a (B, H, Lq, Lk) tensor into buckets:
-
     rpe_index_backward(grad_output, index, num_buckets)[b, h, i, k]
         = sum over j with index[i, j] == k of grad_output[b, h, i, j]
 
-It is the gradient of rpe_index and also the forward of the value path of
-iRPE.  Both functions are differentiable (each is the other's gradient), are
-registered as the operators torch.ops.rpe_ops.rpe_index and
-torch.ops.rpe_ops.rpe_index_backward, and work under torch.compile and from
-TorchScript.  Under torch.export they are written as torch.gather /
-scatter_add instead, so that exported programs and ONNX files need only
-standard operators.
+input (B, H, Lq, num_buckets), index (Lq, Lk). Each is the other's gradient. They are the
+operators torch.ops.rpe_ops.*, and work under torch.compile and TorchScript; under torch.export
+they are written as torch.gather / scatter_add, so that exported programs need only standard
+operators. They run on the compiled extension (rpe_ops._C) if it loads, else on the pure-PyTorch
+fallback with a one-time warning. Autocast casts nothing for them (a lookup loses no precision;
+the kernels accumulate float16 / bfloat16 sums in float32). In deterministic mode the CUDA bucket
+sum (atomics) runs as scatter_add. The CPU kernels keep freed large results for reuse
+(cpu_cache_stats, empty_cpu_cache).
 
-They run on the compiled extension (rpe_ops._C: CPU and, when built with a
-CUDA toolkit, CUDA kernels) if it can be loaded, and otherwise on a
-pure-PyTorch fallback (torch.gather / scatter_add) with a one-time warning.
-
-Under torch.autocast (CPU and CUDA) both operators run in the dtype of
-their tensor argument, as they are given it: autocast casts nothing for them
-(the AutocastCPU / AutocastCUDA kernels registered below pass the call
-through).  A lookup copies values, so it loses no precision in any dtype, and
-the kernels accumulate the bucket sum of float16 / bfloat16 in float32; a
-cast would only cost a pass over the tensor.  So bfloat16 input gives bfloat16
-output and float32 input float32 output, inside autocast as outside it.
-
-Under torch.use_deterministic_algorithms(True), the bucket sum of CUDA tensors
-(the CUDA kernel adds with atomics) runs as scatter_add, which PyTorch then
-computes deterministically; results agree up to float rounding.
-
-The CPU kernels take their large results ((B, H, L, L) lookups, attention
-weights and their gradients) from a cache of their own: once such a tensor is
-freed its memory is kept and handed to the next result of about its size, so
-training does not fault in fresh pages for every one (glibc maps and unmaps
-blocks above 32 MiB anew each time). Only these results use it; the rest of
-the process allocates as before. cpu_cache_stats() tells what it holds,
-empty_cpu_cache() returns the kept memory to the system.
-
-Environment variables (read when rpe_ops is imported, except the last):
-    RPE_OPS_FALLBACK=1     use the fallback even if the extension is built
-    RPE_OPS_CPU_CACHE_MB=N keep at most N MB of freed results for reuse
-                           (default 1024; 0: no cache, plain allocations;
-                           read at the first large result)
-    RPE_OPS_CHECK_INDEX=1  validate index values on CUDA too (costs a device
-                           synchronisation; on the CPU they are always checked)
+Environment variables: RPE_OPS_FALLBACK=1 (read at import) uses the fallback even if the
+extension is built; RPE_OPS_CPU_CACHE_MB=N keeps at most N MB of freed results (default 1024;
+0: no cache); RPE_OPS_CHECK_INDEX=1 validates index values on CUDA too (a synchronisation).
 """
 import glob
 import importlib.machinery
@@ -62,8 +28,7 @@ import torch
 from . import _fallback
 
 __all__ = ["rpe_index", "rpe_index_backward", "backend", "bucket_sum_implementation",
-           "cpu_cache_stats", "empty_cpu_cache",
-           "EXTENSION_AVAILABLE", "EXTENSION_PATH"]
+           "cpu_cache_stats", "empty_cpu_cache", "EXTENSION_AVAILABLE", "EXTENSION_PATH"]
 
 _BUILD_COMMANDS = ("`pip install --no-build-isolation ./rpe_ops` or "
                    "`cd rpe_ops && python setup.py build_ext --inplace` (from the repository root)")
@@ -75,20 +40,14 @@ _SCHEMAS = (
 
 
 def _library_candidates():
-    """Compiled libraries named rpe_ops/_C<ext-suffix>: this package's folder
-    first, then an rpe_ops folder under every sys.path entry.  The latter finds
-    an installed copy when the source folder shadows it (running from the
-    repository root after `pip install ./rpe_ops`)."""
+    """Compiled libraries rpe_ops/_C<ext-suffix>: this package's folder first, then an rpe_ops
+    folder under every sys.path entry (an installed copy that the source folder shadows)."""
     here = os.path.dirname(os.path.abspath(__file__))
     folders = [here] + [os.path.join(p or os.getcwd(), "rpe_ops") for p in sys.path if isinstance(p, str)]
-    seen = set()
-    for folder in folders:
-        folder = os.path.realpath(folder)
-        if folder in seen or not os.path.isdir(folder):
-            continue
-        seen.add(folder)
-        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-            yield from sorted(glob.glob(os.path.join(glob.escape(folder), "_C" + suffix)))
+    for folder in dict.fromkeys(os.path.realpath(f) for f in folders):
+        if os.path.isdir(folder):
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                yield from sorted(glob.glob(os.path.join(glob.escape(folder), "_C" + suffix)))
 
 
 def _load_extension():
@@ -110,25 +69,20 @@ EXTENSION_PATH, _LOAD_ERROR = _load_extension()
 EXTENSION_AVAILABLE = EXTENSION_PATH is not None
 
 _lib = torch.library.Library("rpe_ops", "FRAGMENT")
+_OPS = ("rpe_index", "rpe_index_backward")
 _warning_message = None  # set when the fallback is used without being asked for
 _warned = False
 
 
-def _warn_once():
-    global _warned
-    if _warning_message is not None and not _warned:
-        _warned = True
-        warnings.warn(_warning_message, RuntimeWarning, stacklevel=1)
-
-
-def _fallback_rpe_index(input, index):
-    _warn_once()
-    return _fallback.rpe_index(input, index)
-
-
-def _fallback_rpe_index_backward(grad_output, index, num_buckets):
-    _warn_once()
-    return _fallback.rpe_index_backward(grad_output, index, num_buckets)
+def _warning_fallback(op):
+    """The fallback of operator `op`, warning once per process (see _warning_message)."""
+    def kernel(*args):
+        global _warned
+        if _warning_message is not None and not _warned:
+            _warned = True
+            warnings.warn(_warning_message, RuntimeWarning, stacklevel=1)
+        return getattr(_fallback, op)(*args)
+    return kernel
 
 
 def _has_kernel(op, dispatch_key):
@@ -142,17 +96,16 @@ if EXTENSION_AVAILABLE:
     _EXTENSION_CUDA = _has_kernel("rpe_index", "CUDA")
     if not _EXTENSION_CUDA and torch.cuda.is_available():
         # CPU-only build on a machine with a GPU: CUDA tensors take the fallback.
-        _lib.impl("rpe_index", _fallback_rpe_index, "CUDA")
-        _lib.impl("rpe_index_backward", _fallback_rpe_index_backward, "CUDA")
+        for _op in _OPS:
+            _lib.impl(_op, _warning_fallback(_op), "CUDA")
         _warning_message = (f"rpe_ops: the extension {EXTENSION_PATH} has no CUDA kernels; CUDA tensors use "
                             "the slower pure-PyTorch fallback. Rebuild it where a CUDA toolkit is found: "
                             f"{_BUILD_COMMANDS}.")
 else:
     _EXTENSION_CUDA = False
-    for _schema in _SCHEMAS:
+    for _schema, _op in zip(_SCHEMAS, _OPS):
         _lib.define(_schema)
-    _lib.impl("rpe_index", _fallback_rpe_index, "CompositeExplicitAutograd")
-    _lib.impl("rpe_index_backward", _fallback_rpe_index_backward, "CompositeExplicitAutograd")
+        _lib.impl(_op, _warning_fallback(_op), "CompositeExplicitAutograd")
     if _LOAD_ERROR != "RPE_OPS_FALLBACK is set":
         _warning_message = (f"rpe_ops: compiled extension not available ({_LOAD_ERROR}); using the slower "
                             f"pure-PyTorch fallback. Build it with {_BUILD_COMMANDS}. Set RPE_OPS_FALLBACK=1 to silence "
@@ -177,8 +130,31 @@ def _rpe_index_setup_context(ctx, inputs, output):
     ctx.num_buckets = input.shape[-1]
 
 
-# Devices whose compiled bucket sum adds with atomics, so that the order of the additions (and
-# the float rounding) varies from run to run.
+def _rpe_index_grad(ctx, grad):
+    (index,) = ctx.saved_tensors
+    return rpe_index_backward(grad, index, ctx.num_buckets), None
+
+
+def _rpe_index_backward_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _rpe_index_backward_grad(ctx, grad):
+    (index,) = ctx.saved_tensors
+    return torch.ops.rpe_ops.rpe_index(grad, index), None, None
+
+
+# Autocast policy (module docstring): no cast, the operators run in their input's dtype.
+for _op in _OPS:
+    for _key in ("AutocastCPU", "AutocastCUDA"):
+        _lib.impl(_op, torch.library.fallthrough_kernel, _key)
+
+torch.library.register_autograd("rpe_ops::rpe_index", _rpe_index_grad,
+                                setup_context=_rpe_index_setup_context)
+torch.library.register_autograd("rpe_ops::rpe_index_backward", _rpe_index_backward_grad,
+                                setup_context=_rpe_index_backward_setup_context)
+
+# Devices whose compiled bucket sum adds with atomics (its float rounding varies from run to run)
 _ATOMIC_BUCKET_SUM_DEVICES = ("cuda",)
 
 
@@ -192,42 +168,8 @@ def bucket_sum_implementation(device: torch.device) -> str:
     return "operator"
 
 
-def _bucket_sum(grad_output, index, num_buckets):
-    # scatter_add_ has a deterministic CUDA implementation that PyTorch selects in deterministic
-    # mode; it gives the same sums up to float rounding
-    if bucket_sum_implementation(grad_output.device) == "scatter_add":
-        return _fallback.rpe_index_backward(grad_output, index, num_buckets)
-    return torch.ops.rpe_ops.rpe_index_backward(grad_output, index, num_buckets)
-
-
-def _rpe_index_grad(ctx, grad):
-    (index,) = ctx.saved_tensors
-    return _bucket_sum(grad, index, ctx.num_buckets), None
-
-
-def _rpe_index_backward_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
-
-
-def _rpe_index_backward_grad(ctx, grad):
-    (index,) = ctx.saved_tensors
-    return torch.ops.rpe_ops.rpe_index(grad, index), None, None
-
-
-# Autocast policy (module docstring): no cast, the operators run in their input's dtype.
-for _op in ("rpe_index", "rpe_index_backward"):
-    for _key in ("AutocastCPU", "AutocastCUDA"):
-        _lib.impl(_op, torch.library.fallthrough_kernel, _key)
-
-torch.library.register_autograd("rpe_ops::rpe_index", _rpe_index_grad,
-                                setup_context=_rpe_index_setup_context)
-torch.library.register_autograd("rpe_ops::rpe_index_backward", _rpe_index_backward_grad,
-                                setup_context=_rpe_index_backward_setup_context)
-
-
-# Under torch.export (and so the ONNX exporter) the operators are written as the standard ops of
-# the fallback (gather / scatter_add), so that an exported program needs neither this package nor
-# a custom ONNX domain; eager runs, torch.compile and TorchScript call the registered operators.
+# Under torch.export (and ONNX) the operators are written as the fallback's standard ops, so that
+# an exported program needs neither this package nor a custom ONNX domain.
 @torch.jit.unused
 def _exporting() -> bool:
     return torch.compiler.is_exporting()
@@ -236,14 +178,9 @@ def _exporting() -> bool:
 def rpe_index(input: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Bucket lookup: out[b, h, i, j] = input[b, h, i, index[i, j]].
 
-    Args:
-        input: (B, H, Lq, num_buckets), float32 / float64 / float16 / bfloat16,
-            any strides.
-        index: (Lq, Lk), int32 or int64, values in [0, num_buckets), same device.
-
-    Returns:
-        A contiguous (B, H, Lq, Lk) tensor of input's dtype.  Differentiable
-        with respect to input (the gradient is rpe_index_backward).
+    input (B, H, Lq, num_buckets) float32 / float64 / float16 / bfloat16, any strides; index
+    (Lq, Lk) int32 or int64, values in [0, num_buckets), same device. Returns a contiguous
+    (B, H, Lq, Lk) tensor of input's dtype, differentiable with respect to input.
     """
     if not torch.jit.is_scripting() and _exporting():
         return _fallback.lookup(input, index)
@@ -251,24 +188,14 @@ def rpe_index(input: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def rpe_index_backward(grad_output: torch.Tensor, index: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """Bucket sum, the transpose of rpe_index:
-    out[b, h, i, k] = sum of grad_output[b, h, i, j] over all j with index[i, j] == k.
-
-    Args:
-        grad_output: (B, H, Lq, Lk), float32 / float64 / float16 / bfloat16.
-        index: (Lq, Lk), int32 or int64, values in [0, num_buckets), same device.
-        num_buckets: size of the last dimension of the result.
-
-    Returns:
-        A contiguous (B, H, Lq, num_buckets) tensor of grad_output's dtype
-        (float16 / bfloat16 are accumulated in float32).  Differentiable with
-        respect to grad_output (the gradient is rpe_index).  Under
-        torch.use_deterministic_algorithms(True), CUDA tensors take a deterministic
-        formulation (see bucket_sum_implementation).
+    """Bucket sum, the transpose of rpe_index: out[b, h, i, k] = sum of grad_output[b, h, i, j]
+    over j with index[i, j] == k. grad_output (B, H, Lq, Lk), index as for rpe_index. Returns a
+    contiguous (B, H, Lq, num_buckets) tensor of grad_output's dtype, differentiable.
     """
     if not torch.jit.is_scripting() and _exporting():
         return _fallback.bucket_sum(grad_output, index, num_buckets)
     if not torch.jit.is_scripting() and bucket_sum_implementation(grad_output.device) == "scatter_add":
+        # scatter_add_ has a deterministic CUDA implementation: the same sums up to float rounding
         return _fallback.rpe_index_backward(grad_output, index, num_buckets)
     return torch.ops.rpe_ops.rpe_index_backward(grad_output, index, num_buckets)
 

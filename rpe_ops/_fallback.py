@@ -1,8 +1,5 @@
-"""Pure-PyTorch versions of the rpe_ops operators and their argument checks.
-
-They define the reference semantics of the compiled kernels, run on every
-device PyTorch supports and are used when the extension is not available.
-"""
+"""Pure-PyTorch versions of the rpe_ops operators and their argument checks: the reference
+semantics of the compiled kernels, on every device, used when the extension is not available."""
 import os
 
 import torch
@@ -45,20 +42,17 @@ def check_rpe_index_backward_args(grad_output, index, num_buckets):
     _check(num_buckets >= 0, f"{op}: num_buckets must be non-negative, got {num_buckets}")
 
 
-def check_index_range(op, index, num_buckets):
-    """Raises unless every value of index lies in [0, num_buckets)."""
-    if index.numel() == 0:
+def check_index_range(op, index, num_buckets, output_size=1):
+    """Raises unless every value of index lies in [0, num_buckets), where wanted: as in the
+    compiled kernels, always on the CPU, elsewhere only on request (it synchronises), and only
+    for a non-empty output."""
+    on_request = os.environ.get("RPE_OPS_CHECK_INDEX", "") not in ("", "0")
+    if not (index.device.type == "cpu" or on_request) or output_size == 0 or index.numel() == 0:
         return
     lo, hi = (int(v) for v in torch.aminmax(index))
     _check(lo >= 0 and hi < num_buckets,
            f"{op}: index values must lie in [0, num_buckets) = [0, {num_buckets}), "
            f"got values in [{lo}, {hi}]")
-
-
-def _range_check_wanted(index):
-    # As in the compiled kernels: always on the CPU, elsewhere only on request
-    # (the check synchronises with the device).
-    return index.device.type == "cpu" or os.environ.get("RPE_OPS_CHECK_INDEX", "") not in ("", "0")
 
 
 def lookup(input, index):
@@ -82,8 +76,7 @@ def rpe_index(input, index):
     """out[b, h, i, j] = input[b, h, i, index[i, j]], via torch.gather."""
     check_rpe_index_args(input, index)
     batch, heads, lq, num_buckets = input.shape
-    if _range_check_wanted(index) and batch * heads * lq > 0:
-        check_index_range("rpe_index", index, num_buckets)
+    check_index_range("rpe_index", index, num_buckets, batch * heads * lq)
     return lookup(input, index).contiguous()
 
 
@@ -91,7 +84,6 @@ def rpe_index_backward(grad_output, index, num_buckets):
     """grad_input[b, h, i, k] = sum of grad_output[b, h, i, j] over j with index[i, j] == k,
     via scatter_add (float32 accumulation for float16 / bfloat16)."""
     check_rpe_index_backward_args(grad_output, index, num_buckets)
-    batch, heads, lq, lk = grad_output.shape
-    if _range_check_wanted(index) and batch * heads * lq * num_buckets > 0:
-        check_index_range("rpe_index_backward", index, num_buckets)
+    batch, heads, lq, _ = grad_output.shape
+    check_index_range("rpe_index_backward", index, num_buckets, batch * heads * lq * num_buckets)
     return bucket_sum(grad_output, index, num_buckets)

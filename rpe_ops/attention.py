@@ -5,22 +5,10 @@ attention_weights(q, k, lookup, index, extra, key_bias, dropout_p) computes
     logits = q @ k^T + extra + lookup[..., index] + key_bias[:, None, None, :]
     weights = dropout(softmax(logits, -1), dropout_p)
 
-with one pass of the compiled kernel over the logits (lookup, mask, softmax and
-dropout together) where the plain PyTorch path makes a fresh (B, H, L, S)
-tensor for every step, and a backward that also sums the lookup's gradient
-into its buckets in that pass. It is the registered operator
-torch.ops.rpe_ops.attention_weights, whose autograd is written in C++ too:
-eager code and TorchScript call the same kernels and get the same numbers.
-
-The dropout keep-mask is Bernoulli(1 - p) per weight with kept weights scaled
-by 1 / (1 - p), as torch.nn.functional.dropout; it is drawn by a counter-based
-generator seeded from PyTorch's default generator, so torch.manual_seed makes
-it repeatable (the draws differ from torch.bernoulli's). It is kept as one bit
-per weight for the backward.
-
-Without the extension the operator is defined here by the plain PyTorch
-arithmetic (so that scripted code that names it still compiles), but
-fused_attention_available is False and the attention layers do not call it.
+in one pass of the compiled kernel (torch.ops.rpe_ops.attention_weights, autograd in C++). Its
+dropout draws come from a counter-based generator seeded from PyTorch's default one (repeatable
+under torch.manual_seed, other draws than torch.bernoulli's). Without the extension the operator
+is the plain PyTorch arithmetic (so that scripted code naming it compiles), unused by the layers.
 """
 from typing import Optional
 
@@ -53,21 +41,16 @@ if not _FUSED:
 
 def fused_attention_available(device: torch.device, dtype: torch.dtype,
                               built: bool = _FUSED) -> bool:
-    """True when attention_weights runs the compiled kernel for tensors of this device and dtype.
-    (`built`, whether the extension has the kernel, is a default argument so that TorchScript
-    takes it as a constant.)"""
+    """True when attention_weights runs the compiled kernel for tensors of this device and dtype
+    (`built`, a default argument, is a constant to TorchScript)."""
     return built and device.type == "cpu" and (dtype == torch.float32 or dtype == torch.float64)
 
 
 def attention_weights(q: Tensor, k: Tensor, lookup: Optional[Tensor] = None,
                       index: Optional[Tensor] = None, extra: Optional[Tensor] = None,
                       key_bias: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
-    """Attention weights (B, H, L, S) of q (B, H, L, D) and k (B, H, S, D).
-
-    lookup (B or 1, H or 1, L, num_buckets) with index (L, S): the contextual iRPE term
-    lookup[b, h, i, index[i, j]] (gradient to lookup, not to index). extra: any further additive
-    term broadcastable to (B, H, L, S) (other encodings, an attention mask). key_bias (B, S): a float
-    term per key (0, or -inf for padding). dropout_p: dropout on the weights (0 in eval mode).
-    CPU, float32 / float64 (see fused_attention_available).
+    """Attention weights (B, H, L, S) of q (B, H, L, D) and k (B, H, S, D): lookup (B or 1, H or
+    1, L, num_buckets) with index (L, S) the contextual iRPE term; extra any further term
+    broadcastable to (B, H, L, S); key_bias (B, S) a float term per key (0, or -inf for padding).
     """
     return torch.ops.rpe_ops.attention_weights(q, k, lookup, index, extra, key_bias, dropout_p)

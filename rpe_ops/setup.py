@@ -1,17 +1,5 @@
-"""Builds the rpe_ops package and its compiled extension rpe_ops._C.
-
-    pip install --no-build-isolation ./rpe_ops          # from the repository root
-    cd rpe_ops && python setup.py build_ext --inplace   # in-place build
-
-Environment variables:
-    FORCE_CUDA=1            build the CUDA kernels even if no GPU is visible
-    FORCE_CUDA=0            CPU kernels only
-    (unset)                 CUDA kernels when a CUDA toolkit (nvcc) is found
-    TORCH_CUDA_ARCH_LIST    e.g. "9.0" or "8.0;9.0+PTX"; when unset, the
-                            visible GPUs, or without one DEFAULT_ARCH_LIST
-    CUDA_HOME               toolkit root; by default the one of nvcc on PATH
-    MAX_JOBS                parallel compile jobs (ninja)
-"""
+"""Builds the rpe_ops package and its compiled extension rpe_ops._C (see docs/rpe_ops.md for the
+commands and the environment variables: FORCE_CUDA, TORCH_CUDA_ARCH_LIST, CUDA_HOME, MAX_JOBS)."""
 import os
 import re
 import shutil

@@ -1,22 +1,11 @@
 """iRPE attention in PyTorch's flex attention: softmax(q k^T + iRPE terms + padding mask) v in one
 compiled kernel (and one for its backward), without the (N, H, L, S) bias tensor.
 
-The iRPE terms enter as a `score_mod`. For iRPE on k, the score of query i and key j gains
-table[b, h, i, ids[i, j]], where table = q T (N, H, L, buckets) is the small per-query table of
-bucket scores that iRPE.lookup returns and ids the (L, L) bucket ids; for iRPE on q it gains the
-keys' table, transposed: table[b, h, j, ids[j, i]]; in bias mode the table is the bias table
-itself; `cross` gives a term for its rows and one for its columns. The kernel reads these small
-tables where it needs a score, and its backward sums their gradients (flex attention's gradients
-of tensors a score_mod reads), which autograd then carries on to q, k and the iRPE weights. The
-key padding mask is a block mask: blocks of padded keys are skipped.
-
-Compiled kernels are specialised on the sequence length, and flex attention's CPU kernels do not
-compile for symbolic lengths in this PyTorch; so q, k, v and the tables are zero-padded to a
-multiple of LENGTH_STEP (padded keys masked, padded queries' rows dropped afterwards): one
-compilation serves every map size of the same step, and multi-scale training compiles a handful
-of times (COCO's multi-scale maps, 15x15 to 25x42 tokens, give lengths 225..1050: 8 steps).
-
-Where RPEMultiheadAttention takes this path is `flex_applies` (the rule, with its table USE_FLEX).
+The iRPE terms enter as a `score_mod` reading the small tables of iRPE.lookup (on k: score[i, j]
++= table[b, h, i, ids[i, j]]; on q, transposed: table[b, h, j, ids[j, i]]); the key padding mask
+is a block mask. Kernels are specialised on the sequence length, so q, k, v and the tables are
+zero-padded to a multiple of LENGTH_STEP (padded keys masked, padded query rows dropped): COCO's
+multi-scale lengths (225..1050) compile 8 times. Where the layers take this path: `flex_applies`.
 """
 import importlib.util
 import weakref
@@ -30,17 +19,13 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .irpe import iRPECross
 
-# Lengths are padded to a multiple of this: flex attention's block size, so the padding never adds
-# a block of queries or keys
-LENGTH_STEP = 128
+LENGTH_STEP = 128  # flex attention's block size: the padding never adds a block
 # distinct padded lengths x encodings x dtypes that may each compile once (dynamo's default, 8,
-# would be reached by multi-scale training and then fall back to uncompiled attention)
+# would be reached by multi-scale training)
 MAX_COMPILATIONS = 64
 
-# Where the flex path replaces PyTorch's SDPA path in training on CUDA, by the layer's iRPE mode
-# (None: a layer without iRPE, where SDPA's flash or memory-efficient kernels are the ones to
-# beat). benchmarks/attention_paths.py prints the measured times of both paths beside this choice,
-# for a GPU run to confirm or flip an entry.
+# Where the flex path replaces the SDPA path in training on CUDA, by the layer's iRPE mode (None:
+# no iRPE); benchmarks/attention_paths.py prints both paths' times beside this choice.
 USE_FLEX = {"ctx": True, "bias": True, None: False}
 
 # its CUDA kernels are Triton's
@@ -66,16 +51,10 @@ def _irpe_mode(layer) -> Optional[str]:
 
 def flex_applies(layer, q: Tensor, need_weights: bool, attn_mask: Optional[Tensor],
                  key_padding_mask: Optional[Tensor]) -> bool:
-    """Whether RPEMultiheadAttention `layer` computes steps 2 to 5 of its forward here.
-
-    Training on CUDA only: in eval mode the layer must give what its TorchScript form gives, and
-    a first call there would wait for a compilation. Flex attention applies no dropout, so a layer
-    whose attention dropout is on (DETR's default, 0.1) keeps the SDPA path, whose kernel drops
-    out the weights as F.dropout does. Not for the weights (need_weights), iRPE on v (it needs the
-    weights), an attn_mask or a float key padding mask (DETR's encoder passes neither), head sizes
-    the kernels do not take (a power of two, at least 16), without Triton, or inside
-    torch.compile / tracing, which trace the plain path. Then USE_FLEX decides by the iRPE mode.
-    """
+    """Whether RPEMultiheadAttention `layer` computes steps 2 to 5 of its forward here: training
+    on CUDA only (eval mode gives the TorchScript form's numbers, uncompiled), without attention
+    dropout (flex applies none), the weights, iRPE on v, an attn_mask or a float key padding mask;
+    head sizes a power of two >= 16, with Triton, not traced. Then USE_FLEX decides."""
     head_dim = q.shape[-1]
     return (layer.use_fused_kernels and q.is_cuda and _HAS_TRITON and layer.training
             and layer.dropout == 0.0 and not need_weights and layer.rpe_v is None
@@ -130,17 +109,15 @@ def _block_mask(key_padding_mask: Optional[Tensor], key_length: int, padded_leng
     from torch.nn.attention.flex_attention import create_block_mask
     if key_padding_mask is None and key_length == padded_key_length:
         return None
-    key = (padded_length, padded_key_length, key_length, device, None)
-    if key_padding_mask is not None:
-        key = key[:-1] + ((id(key_padding_mask), key_padding_mask._version),)
+    key = (padded_length, padded_key_length, key_length, device,
+           None if key_padding_mask is None else (id(key_padding_mask), key_padding_mask._version))
     entry = _BLOCK_MASKS.get(key)
     if entry is not None and (entry[0] is None or entry[0]() is key_padding_mask):
         _BLOCK_MASKS.move_to_end(key)
         return entry[1]
-    if key_padding_mask is None:
+    ignored = key_padding_mask
+    if ignored is None:
         ignored = torch.zeros(1, key_length, dtype=torch.bool, device=device)
-    else:
-        ignored = key_padding_mask
     ignored = F.pad(ignored, (0, padded_key_length - key_length), value=True)
     per_image = ignored.shape[0] > 1
 
@@ -159,13 +136,10 @@ def _block_mask(key_padding_mask: Optional[Tensor], key_length: int, padded_leng
 def irpe_flex_attention(q: Tensor, k: Tensor, v: Tensor, rpe_q=None, rpe_k=None,
                         key_padding_mask: Optional[Tensor] = None, height: Optional[int] = None,
                         width: Optional[int] = None, scaling: float = 1.0) -> Tensor:
-    """softmax(q k^T + rpe_k(q) + rpe_q(k * scaling)^T, keys masked by key_padding_mask) v.
-
-    q (N, H, L, D), already scaled (the kernel scales by 1); k, v (N, H, S, D); rpe_q, rpe_k
-    iRPE (or iRPECross) modules for q and k, or None; key_padding_mask (N, S) bool, True on keys
-    to ignore; (height, width) the token map of the iRPE terms. Returns (N, H, L, D) in q's dtype.
-    The order and arithmetic are those of RPEMultiheadAttention's plain path, up to float
-    rounding; a query row whose keys are all masked gives zeros (the plain path gives nan).
+    """softmax(q k^T + rpe_k(q) + rpe_q(k * scaling)^T, keys masked by key_padding_mask) v:
+    q (N, H, L, D), already scaled; k, v (N, H, S, D); rpe_q, rpe_k iRPE / iRPECross modules or
+    None; key_padding_mask (N, S) bool, True on keys to ignore. Returns (N, H, L, D) in q's dtype:
+    the plain path's, up to float rounding (a row whose keys are all masked gives zeros, not nan).
     """
     length, key_length = q.shape[2], k.shape[2]
     terms = _terms(rpe_k, q, height, width, False) + _terms(rpe_q, k * scaling, height, width, True)

@@ -1,10 +1,6 @@
-"""A cache of bucket-id tables bounded in bytes per device.
-
-Multi-scale training meets a new feature-map size at nearly every batch, and a table of a COCO
-size map is an (L, L) tensor of about a million ids: a cache bounded by entry count holds
-gigabytes on the GPU. This one evicts the least recently used tables of a device once the tables
-kept there exceed its byte budget.
-"""
+"""A cache of bucket-id tables bounded in bytes per device: multi-scale training meets a new map
+size at nearly every batch, and a COCO-size table has about a million ids, so a cache bounded by
+entry count would hold gigabytes on the GPU."""
 import threading
 from collections import OrderedDict
 
@@ -15,10 +11,7 @@ DEFAULT_MAX_BYTES = 64 * 2 ** 20  # per device: ~14 tables of the largest COCO m
 
 class DeviceBoundedCache:
     """{key: tensor} with at most `max_bytes` of tensors per device, least recently used evicted.
-
-    Keys must include the device (the `device` of `get`). A table larger than the whole budget is
-    returned without being kept.
-    """
+    Keys must include the device of `get`. A table larger than the budget is not kept."""
 
     def __init__(self, max_bytes=DEFAULT_MAX_BYTES):
         self.max_bytes = max_bytes

@@ -1,26 +1,9 @@
 """iRPE: image relative position encoding (Wu et al., "Rethinking and Improving Relative Position
 Encoding for Vision Transformer", ICCV 2021).
 
-A relative position (dr, dc) between a query and a key token of an h x w map is mapped to a bucket
-by a piecewise function (`piecewise_index`) and one of four methods (`bucket_ids`). Each bucket owns
-an entry of a learned lookup table, which enters attention either as a bias on the logits or
-contextually (through a product with the queries, keys or attention weights).
-
-Typical use in a model of your own::
-
-    config = get_rpe_config(ratio=1.9, method="product", mode="ctx", shared_head=True, skip=0,
-                            rpe_on="k")
-    rpe_q, rpe_k, rpe_v = build_rpe(config, head_dim=64, num_heads=8)
-    # q, k, v: (B, H, L, D); q already multiplied by head_dim ** -0.5
-    logits = q @ k.transpose(-2, -1)
-    if rpe_k is not None:
-        logits = logits + rpe_k(q, height, width)
-    if rpe_q is not None:
-        logits = logits + rpe_q(k * head_dim ** -0.5, height, width).transpose(-2, -1)
-    attn = logits.softmax(-1)
-    out = attn @ v
-    if rpe_v is not None:
-        out = out + rpe_v(attn, height, width)
+The relative position of a query and a key token of an h x w map falls into a bucket
+(`piecewise_index`, `bucket_ids`) whose learned table entry enters attention as a bias on the
+logits or contextually (a product with q, k or the weights). Use: docs/module-api.md.
 """
 import math
 from dataclasses import dataclass
@@ -29,8 +12,6 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-# rpe_ops runs the compiled lookup kernels when built, and the same lookups in plain PyTorch
-# (gather / scatter_add) otherwise
 from rpe_ops import rpe_index, rpe_index_backward
 
 from .id_cache import DeviceBoundedCache
@@ -46,29 +27,16 @@ RPE_STRING_GRAMMAR = (
 )
 
 
-# ----------------------------------------------------------------------------------------------
-# Bucket arithmetic
-
 def piecewise_index(relative_position: Tensor, alpha: float, beta: float, gamma: float) -> Tensor:
-    """The piecewise index g(x) of the paper (Eq. 18), as int64.
-
-    |x| <= alpha is kept (rounded); beyond, the distance grows logarithmically up to beta:
-    sign(x) * min(beta, round(alpha + ln(|x| / alpha) / ln(gamma / alpha) * (beta - alpha))),
-    truncated towards zero. Computed in float32, rounding half to even (torch.round).
-    """
+    """The piecewise index g(x) of the paper (Eq. 18), as int64: x rounded where |x| <= alpha,
+    else sign(x) * min(beta, round(alpha + ln(|x| / alpha) / ln(gamma / alpha) * (beta - alpha))).
+    In float32, rounding half to even (torch.round)."""
     x = relative_position.to(torch.float32)
     x_abs = x.abs()
     far = torch.sign(x) * (
         alpha + torch.log(x_abs.clamp(min=alpha) / alpha) / math.log(gamma / alpha) * (beta - alpha)
     ).round().clamp(max=beta)
     return torch.where(x_abs <= alpha, x.round(), far).to(torch.int64)
-
-
-def _relative_offsets(height: int, width: int, device: Optional[torch.device]) -> Tuple[Tensor, Tensor]:
-    """(dr, dc) = pos(i) - pos(j) for all pairs of the row-major flattened map, each (L, L)."""
-    rows = torch.arange(height, device=device)[:, None].expand(height, width).reshape(-1)
-    cols = torch.arange(width, device=device)[None, :].expand(height, width).reshape(-1)
-    return rows[:, None] - rows[None, :], cols[:, None] - cols[None, :]
 
 
 def num_buckets_of(method: str, ratio: float, skip: int = 0) -> int:
@@ -80,16 +48,12 @@ def num_buckets_of(method: str, ratio: float, skip: int = 0) -> int:
 
 def compute_bucket_ids(method: str, ratio: float, height: int, width: int, skip: int = 0,
                        device: Optional[torch.device] = None) -> Tensor:
-    """Bucket id of every (query, key) pair of an h x w map, preceded by `skip` extra tokens.
-
-    Returns an int64 tensor (L, L), L = skip + height * width, with ids in [0, num_buckets). The
-    skip tokens (a class token, say) all use the one extra last bucket. Tensor ops only, so that
-    TorchScript compiles it and torch.export traces it with a symbolic map size.
-    """
+    """Bucket ids (L, L) int64 of every (query, key) pair of an h x w map after `skip` tokens
+    (L = skip + height * width), which all use the one extra last bucket. Tensor ops only, so
+    that TorchScript compiles it and torch.export traces it with a symbolic map size."""
     alpha, beta, gamma = 1 * ratio, 2 * ratio, 8 * ratio
     beta_int = int(beta)
-    # an id depends on the offset (dr, dc) alone, which takes only (2h - 1) x (2w - 1) values: the
-    # ids are computed for those, then looked up for the (L, L) pairs
+    # an id depends on the offset (dr, dc) alone: computed for its (2h - 1) x (2w - 1) values
     dr = torch.arange(1 - height, height, device=device)[:, None].expand(2 * height - 1, 2 * width - 1)
     dc = torch.arange(1 - width, width, device=device)[None, :].expand(2 * height - 1, 2 * width - 1)
     if method == "euc":
@@ -107,8 +71,11 @@ def compute_bucket_ids(method: str, ratio: float, height: int, width: int, skip:
         raise ValueError(f"unknown iRPE bucket method {method}; expected euc, quant, cross_rows, "
                          f"cross_cols or product")
     ids = ids + beta_int  # shift into [0, num_buckets); product: the column's shift
-    pair_dr, pair_dc = _relative_offsets(height, width, device)
-    ids = ids[pair_dr + (height - 1), pair_dc + (width - 1)]
+    # looked up at (dr, dc) = pos(i) - pos(j) of every pair of the row-major flattened map
+    rows = torch.arange(height, device=device)[:, None].expand(height, width).reshape(-1)
+    cols = torch.arange(width, device=device)[None, :].expand(height, width).reshape(-1)
+    ids = ids[rows[:, None] - rows[None, :] + (height - 1),
+              cols[:, None] - cols[None, :] + (width - 1)]
     if skip > 0:
         length = skip + height * width
         padded = torch.full((length, length), num_buckets_of(method, ratio, 0), dtype=torch.int64,
@@ -140,9 +107,6 @@ def _upload(ids: Tensor, device: torch.device) -> Tensor:
     return ids.to(device)
 
 
-# ----------------------------------------------------------------------------------------------
-# Configuration
-
 @dataclass(frozen=True)
 class RPEConfig:
     """How one of q, k, v is encoded."""
@@ -167,13 +131,8 @@ class RPEConfigs:
 
 
 def get_rpe_config(ratio=1.9, method="product", mode="ctx", shared_head=True, skip=0, rpe_on="k"):
-    """Make the iRPE configuration of an attention layer.
-
-    ratio: bucket scale (alpha = ratio, beta = 2 ratio, gamma = 8 ratio). method: euc, quant,
-    cross or product. mode: bias or ctx ('contextual' is accepted too). shared_head: one table for
-    all heads. skip: tokens before the map that get one extra bucket. rpe_on: which of q, k, v are
-    encoded, e.g. 'k' or 'qkv'. Raises ValueError for an invalid combination.
-    """
+    """The iRPE configuration (RPEConfigs, fields as RPEConfig's; mode 'contextual' means ctx) of
+    an attention layer encoding the rpe_on of q, k, v (e.g. 'k' or 'qkv'). ValueError if invalid."""
     method = str(method).lower()
     mode = {"contextual": "ctx"}.get(str(mode).lower(), str(mode).lower())
     if method not in METHODS:
@@ -195,41 +154,34 @@ def get_rpe_config(ratio=1.9, method="product", mode="ctx", shared_head=True, sk
 
 
 def parse_rpe_string(text, skip=0):
-    """Parse `rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}` (as `--enc_rpe2d` takes it).
+    """Parse `rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}` (as `--enc_rpe2d` takes it)
+    into an RPEConfigs, None for the empty string. Its ValueErrors show the grammar."""
+    def invalid(why=""):
+        return ValueError(f"invalid iRPE setting {text!r}: {why}{RPE_STRING_GRAMMAR}")
 
-    Returns an RPEConfigs, or None for the empty string. Raises ValueError that shows the grammar.
-    """
     if text is None or text == "":
         return None
     fields = text.split("-")
     if len(fields) != 6 or fields[0] != "rpe":
-        raise ValueError(f"invalid iRPE setting {text!r}: {RPE_STRING_GRAMMAR}")
+        raise invalid()
     _, ratio, method, mode, shared_head, rpe_on = fields
     try:
         ratio = float(ratio)
     except ValueError:
-        raise ValueError(f"invalid iRPE setting {text!r}: ratio {ratio!r} is not a number; "
-                         f"{RPE_STRING_GRAMMAR}") from None
+        raise invalid(f"ratio {ratio!r} is not a number; ") from None
     if shared_head not in ("0", "1"):
-        raise ValueError(f"invalid iRPE setting {text!r}: shared_head must be 0 or 1; "
-                         f"{RPE_STRING_GRAMMAR}")
+        raise invalid("shared_head must be 0 or 1; ")
     try:
         return get_rpe_config(ratio, method, mode, shared_head == "1", skip, rpe_on)
     except ValueError as err:
-        raise ValueError(f"invalid iRPE setting {text!r}: {err}; {RPE_STRING_GRAMMAR}") from None
+        raise invalid(f"{err}; ") from None
 
-
-# ----------------------------------------------------------------------------------------------
-# Modules
 
 class iRPE(nn.Module):
-    """One relative position encoding with a table over the buckets of one method.
-
-    For q or k (`transposed=True`), forward(x (B, H, L, D)) returns logits (B or 1, H, L, L):
-    bias mode e[h, i, j] = T[h, b(i, j)]; ctx mode e[n, h, i, j] = sum_d x[n, h, i, d] T[h, d, b(i, j)].
-    For v (`transposed=False`, ctx only), forward(attn (B, H, L, L)) returns (B, H, L, D):
-    o[n, h, i, :] = sum_j attn[n, h, i, j] T[h, b(i, j), :].
-    """
+    """One relative position encoding with a table T over the buckets b(i, j) of one method.
+    For q or k (`transposed`), forward(x (B, H, L, D)) gives logits (B or 1, H, L, L): bias mode
+    T[h, b(i, j)], ctx mode sum_d x[n, h, i, d] T[h, d, b(i, j)]. For v (ctx only),
+    forward(attn (B, H, L, L)) gives (B, H, L, D): sum_j attn[n, h, i, j] T[h, b(i, j), :]."""
 
     def __init__(self, head_dim, num_heads, config, transposed=True, method=None):
         super().__init__()
@@ -280,10 +232,8 @@ class iRPE(nn.Module):
 
     def lookup(self, x: Tensor, height: Optional[int] = None,
                width: Optional[int] = None) -> Tuple[Tensor, Tensor]:
-        """For q or k: (table, ids) with forward(x) = table[b, h, i, ids[i, j]], before the lookup.
-
-        table (B or 1, H or 1, L, num_buckets) (a broadcast view in bias mode), ids (L, L).
-        """
+        """For q or k: (table (B or 1, H or 1, L, num_buckets), a view in bias mode; ids (L, L))
+        with forward(x) = table[b, h, i, ids[i, j]]."""
         if not self.transposed:
             raise ValueError("iRPE.lookup is for the encodings of q and k")
         ids = self.bucket_ids(x.shape[2], height, width, x.device)
@@ -328,7 +278,7 @@ class iRPECross(nn.Module):
     def fused_terms(self, x: Tensor, height: Optional[int] = None, width: Optional[int] = None
                     ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         """What the fused attention kernel takes of this encoding of k: (None, None, the logits
-        term); it has one table lookup only."""
+        term), as the kernel has one table lookup only."""
         return None, None, self.forward(x, height, width)
 
 
@@ -340,10 +290,8 @@ def _build_one(config, head_dim, num_heads, transposed):
 
 
 def build_rpe(config, head_dim, num_heads):
-    """Build (rpe_q, rpe_k, rpe_v) for `config` (an RPEConfigs, or None for no iRPE).
-
-    Each is an iRPE module or None. The tables start at zero.
-    """
+    """(rpe_q, rpe_k, rpe_v), each an iRPE module or None, for `config` (an RPEConfigs, or None
+    for no iRPE). The tables start at zero."""
     if config is None:
         return None, None, None
     return (_build_one(config.rpe_q, head_dim, num_heads, transposed=True),

@@ -1,7 +1,4 @@
-"""RPEMultiheadAttention: nn.MultiheadAttention with iRPE, taking the token map size `hw`.
-
-Shapes: L target length, S source length, N batch, E embedding, H heads, D = E / H head size.
-"""
+"""RPEMultiheadAttention: nn.MultiheadAttention with iRPE, taking the token map size `hw`."""
 from typing import Optional, Tuple
 
 import torch
@@ -12,17 +9,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from rpe_ops.attention import attention_weights, fused_attention_available
 
 from . import flex_attention
-from .irpe import build_rpe, iRPE
+from .irpe import build_rpe
 from .rpe_attention_function import apply_masks, as_additive_mask, merge_heads, split_heads
 
 
 class RPEMultiheadAttention(nn.Module):
-    """Multi-head attention whose logits / outputs carry image relative position encodings.
-
-    A drop-in for nn.MultiheadAttention (same parameter names: `in_proj_weight`, `in_proj_bias`,
-    `out_proj`), plus `rpe_q`, `rpe_k`, `rpe_v` built from `rpe_config` (see irpe.get_rpe_config;
-    None gives plain attention). forward takes `hw=(h, w)`, the map the tokens were flattened from
-    (row-major), which the encodings need unless the map is square.
+    """A drop-in for nn.MultiheadAttention (same parameter names) plus `rpe_q`, `rpe_k`, `rpe_v`
+    built from `rpe_config` (irpe.get_rpe_config; None: plain attention). forward takes `hw=(h, w)`,
+    the map the tokens were flattened from (row-major), needed unless the map is square.
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, batch_first=False,
@@ -39,9 +33,7 @@ class RPEMultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim)) if bias else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.rpe_q, self.rpe_k, self.rpe_v = build_rpe(rpe_config, self.head_dim, num_heads)
-        # the compiled CPU kernel for steps 2 to 4 of forward where it applies (see _fused_weights),
-        # and PyTorch's fused attention for steps 2 to 5 on CUDA (see _sdpa_output)
-        self.use_fused_kernels = True
+        self.use_fused_kernels = True  # _fused_weights (CPU), _fast_output (CUDA)
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -57,6 +49,21 @@ class RPEMultiheadAttention(nn.Module):
             applies = applies and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
         return applies
 
+    def _plus_rpe_q(self, bias: Optional[Tensor], k: Tensor, height: Optional[int],
+                    width: Optional[int], scaling: float) -> Optional[Tensor]:
+        """bias plus the iRPE term on q (from the scaled keys, transposed to (query, key) order)."""
+        if self.rpe_q is None:
+            return bias
+        term = self.rpe_q(k * scaling, height, width).transpose(-2, -1)
+        return term if bias is None else bias + term
+
+    def _masked(self, bias: Optional[Tensor], q: Tensor, k: Tensor, attn_mask: Optional[Tensor],
+                key_padding_mask: Optional[Tensor]) -> Tensor:
+        """bias (or zeros) expanded to (N, H, L, S), as apply_masks wants it, plus the masks."""
+        shape = [q.shape[0], q.shape[1], q.shape[2], k.shape[2]]
+        bias = q.new_zeros(shape) if bias is None else bias.expand(shape)
+        return apply_masks(bias, attn_mask, key_padding_mask)
+
     def _fused_weights(self, q: Tensor, k: Tensor, attn_mask: Optional[Tensor],
                        key_padding_mask: Optional[Tensor], height: Optional[int],
                        width: Optional[int], scaling: float) -> Tensor:
@@ -68,18 +75,9 @@ class RPEMultiheadAttention(nn.Module):
         extra: Optional[Tensor] = None
         if self.rpe_k is not None:
             lookup, index, extra = self.rpe_k.fused_terms(q, height, width)
-        if self.rpe_q is not None:
-            term = self.rpe_q(k * scaling, height, width).transpose(-2, -1)
-            if extra is None:
-                extra = term
-            else:
-                extra = extra + term
+        extra = self._plus_rpe_q(extra, k, height, width, scaling)
         if attn_mask is not None:
-            if extra is None:
-                extra = q.new_zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-            else:
-                extra = extra.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-            extra = apply_masks(extra, attn_mask, None)
+            extra = self._masked(extra, q, k, attn_mask, None)
         key_bias: Optional[Tensor] = None
         if key_padding_mask is not None:
             key_bias = as_additive_mask(key_padding_mask, q.dtype)
@@ -95,33 +93,23 @@ class RPEMultiheadAttention(nn.Module):
     def _logit_bias(self, q: Tensor, k: Tensor, attn_mask: Optional[Tensor],
                     key_padding_mask: Optional[Tensor], height: Optional[int],
                     width: Optional[int], scaling: float) -> Optional[Tensor]:
-        """What steps 2 and 3 below add to q @ k^T: the iRPE terms on k and q and the masks, as
-        one tensor of q's dtype, (N, H, L, S) or broadcastable to it (-inf on keys not allowed);
-        None if there is nothing to add."""
+        """What steps 2 and 3 below add to q @ k^T, as one tensor of q's dtype, (N, H, L, S) or
+        broadcastable to it (-inf on keys not allowed); None if there is nothing to add."""
         bias: Optional[Tensor] = None
         if self.rpe_k is not None:
             bias = self.rpe_k(q, height, width)
-        if self.rpe_q is not None:
-            term = self.rpe_q(k * scaling, height, width).transpose(-2, -1)
-            bias = term if bias is None else bias + term
+        bias = self._plus_rpe_q(bias, k, height, width, scaling)
         if attn_mask is None and key_padding_mask is None:
             return bias if bias is None else bias.to(q.dtype)
-        shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        bias = q.new_zeros(shape) if bias is None else bias.expand(shape)  # apply_masks wants N, H
-        return apply_masks(bias, attn_mask, key_padding_mask).to(q.dtype)
+        return self._masked(bias, q, k, attn_mask, key_padding_mask).to(q.dtype)
 
     @torch.jit.unused
     def _sdpa_output(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                      key_padding_mask: Optional[Tensor], height: Optional[int],
                      width: Optional[int], scaling: float) -> Tensor:
-        """Steps 2 to 5 below (without rpe_v) in F.scaled_dot_product_attention: softmax(q k^T +
-        bias) v, (N, H, L, D), with the dropout inside the kernel. The same output as the plain
-        path up to float rounding (the dropout draws differ), without keeping the (N, H, L, S)
-        weights for the backward. With a bias the memory-efficient kernel runs: it takes an
-        additive bias and returns its gradient (the flash kernel takes none and is left for layers
-        without iRPE or masks; cuDNN's returns no bias gradient); the math one is the fallback
-        where neither applies. A query row whose keys are all masked gives what the kernel gives
-        for it (the plain path gives nan)."""
+        """Steps 2 to 5 below (without rpe_v) in F.scaled_dot_product_attention: the plain path's
+        output up to float rounding, without keeping the (N, H, L, S) weights. With a bias the
+        memory-efficient kernel runs (flash takes no bias, cuDNN returns no bias gradient)."""
         bias = self._logit_bias(q, k, attn_mask, key_padding_mask, height, width, scaling)
         dropout_p = self.dropout if self.training else 0.0
         backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -131,15 +119,17 @@ class RPEMultiheadAttention(nn.Module):
                                                   scale=1.0)
 
     @torch.jit.unused
-    def _flex_output(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
+    def _fast_output(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                      key_padding_mask: Optional[Tensor], need_weights: bool, height: Optional[int],
                      width: Optional[int], scaling: float) -> Optional[Tensor]:
-        """Steps 2 to 5 below in one flex attention kernel (flex_attention.py) where its rule,
-        flex_attention.flex_applies, chooses that path; else None."""
-        if not flex_attention.flex_applies(self, q, need_weights, attn_mask, key_padding_mask):
-            return None
-        return flex_attention.irpe_flex_attention(q, k, v, self.rpe_q, self.rpe_k, key_padding_mask,
-                                                  height, width, scaling)
+        """Steps 2 to 5 below in one kernel where one applies, else None: flex attention where
+        flex_attention.flex_applies chooses it, else PyTorch's SDPA (see _sdpa_applies)."""
+        if flex_attention.flex_applies(self, q, need_weights, attn_mask, key_padding_mask):
+            return flex_attention.irpe_flex_attention(q, k, v, self.rpe_q, self.rpe_k,
+                                                      key_padding_mask, height, width, scaling)
+        if self._sdpa_applies(q, need_weights):
+            return self._sdpa_output(q, k, v, attn_mask, key_padding_mask, height, width, scaling)
+        return None
 
     def _output(self, out: Tensor) -> Tensor:
         """(N, H, L, D) -> the layer's output, shaped like its query."""
@@ -152,13 +142,9 @@ class RPEMultiheadAttention(nn.Module):
                 key_padding_mask: Optional[Tensor] = None, need_weights: bool = True,
                 attn_mask: Optional[Tensor] = None, hw: Optional[Tuple[int, int]] = None,
                 average_attn_weights: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
-        """query (L, N, E), key and value (S, N, E) ((N, L, E) with batch_first).
-
-        key_padding_mask (N, S): True (or -inf) on keys to ignore. attn_mask (L, S) or
-        (N * H, L, S): bool (True = not allowed) or float (added to the logits). hw = (h, w) of the
-        token map the encodings work on. Returns (output like query, weights (N, L, S) averaged
-        over heads, (N, H, L, S) if not average_attn_weights, or None if not need_weights).
-        The order of the terms is the one the published iRPE-DETR checkpoints were trained with.
+        """As nn.MultiheadAttention's forward (query (L, N, E), key and value (S, N, E)), plus hw,
+        the (h, w) of the token map. The order of the terms is the one the published iRPE-DETR
+        checkpoints were trained with.
         """
         if self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
@@ -180,13 +166,10 @@ class RPEMultiheadAttention(nn.Module):
         v = split_heads(F.linear(value, w_v, b_v), self.num_heads)
 
         if not torch.jit.is_scripting():
-            flex_out = self._flex_output(q, k, v, attn_mask, key_padding_mask, need_weights, height,
+            fast_out = self._fast_output(q, k, v, attn_mask, key_padding_mask, need_weights, height,
                                          width, scaling)
-            if flex_out is not None:
-                return self._output(flex_out), None
-        if not torch.jit.is_scripting() and self._sdpa_applies(q, need_weights):
-            out = self._sdpa_output(q, k, v, attn_mask, key_padding_mask, height, width, scaling)
-            return self._output(out), None
+            if fast_out is not None:
+                return self._output(fast_out), None
         if self._fused_applies(q):
             attn = self._fused_weights(q, k, attn_mask, key_padding_mask, height, width, scaling)
         else:

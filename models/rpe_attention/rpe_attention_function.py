@@ -1,9 +1,5 @@
-"""The tensor steps of multi-head attention with iRPE, as plain (TorchScript-compatible) functions.
-
-RPEMultiheadAttention.forward strings them together with its iRPE modules, in the order the
-published checkpoints were trained with. Shapes: L target length, S source length, N batch,
-E embedding, H heads, D = E / H head size.
-"""
+"""The tensor steps of RPEMultiheadAttention, as plain (TorchScript-compatible) functions.
+Shapes: L target length, S source length, N batch, E embedding, H heads, D = E / H head size."""
 from typing import Optional
 
 import torch
