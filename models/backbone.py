@@ -65,10 +65,11 @@ class FrozenBatchNorm2d(nn.Module):
             scale, shift = self.scale_shift(weight.dtype)
             weight = weight * scale[:, None, None, None]
             if (residual is not None and relu and residual_is_scratch
-                    and _add_relu_fuses(x, weight, residual)):
-                return torch.ops.mkldnn._convolution_pointwise_.binary(
-                    residual, x, weight, shift, padding, stride, dilation, groups, "add", 1.0,
-                    "relu", [], "")
+                    and not torch.jit.is_scripting()):
+                fused = _conv_add_relu_(x, weight, shift, residual, stride, padding, dilation,
+                                        groups)
+                if fused is not None:
+                    return fused
             y = F.conv2d(x, weight, shift, stride, padding, dilation, groups)
         if residual is not None:
             y += residual
@@ -80,26 +81,32 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def _add_relu_fuses(x: Tensor, weight: Tensor, residual: Tensor) -> bool:
-    """Whether FrozenBatchNorm2d.after_conv may run oneDNN's convolution with the residual sum and
-    relu fused, in place: eager float32 on the CPU in channels-last, nothing recording gradients,
-    no autocast (which would run the convolution in another dtype)."""
+@torch.jit.unused
+def _eager() -> bool:
+    """Not traced, compiled or exported: the graphs those make keep one code path (scripted
+    code does not call this)."""
+    return not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+
+
+@torch.jit.unused
+def _conv_add_relu_(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor,
+                    stride: Tuple[int, int], padding: Tuple[int, int], dilation: Tuple[int, int],
+                    groups: int) -> Optional[Tensor]:
+    """relu(conv2d(x, weight, bias) + residual) written into residual by one oneDNN call, where
+    that applies: eager float32 on the CPU in channels-last, nothing recording gradients, no
+    autocast (which would run the convolution in another dtype); else None."""
     if not _eager() or not torch.backends.mkldnn.is_available():
-        return False
+        return None
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or residual.requires_grad):
-        return False
-    return (x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        return None
+    if not (x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
             and x.dtype == weight.dtype == residual.dtype == torch.float32
             and x.is_contiguous(memory_format=torch.channels_last)
-            and residual.is_contiguous(memory_format=torch.channels_last))
-
-
-def _eager() -> bool:
-    """Not scripted, traced, compiled or exported: the graphs those make keep one code path."""
-    if torch.jit.is_scripting():
-        return False
-    return not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and residual.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    return torch.ops.mkldnn._convolution_pointwise_.binary(
+        residual, x, weight, bias, padding, stride, dilation, groups, "add", 1.0, "relu", [], "")
 
 
 class BackboneWeightsError(RuntimeError):
@@ -200,10 +207,10 @@ class _ResNetBody(IntermediateLayerGetter):
                 x = self.bn1.after_conv(x, self.conv1.weight, self.conv1.stride,
                                         self.conv1.padding, self.conv1.dilation, self.conv1.groups,
                                         relu=True)
-            elif name.startswith("layer"):
-                for i, block in enumerate(module):  # a block's input is the block's before
-                    x = block(x, x_is_scratch=i > 0)
-            elif name == "maxpool" and x.device.type == "cpu" and x.is_contiguous() and _eager():
+            elif name.startswith("layer") and not torch.jit.is_scripting():
+                x = self._blocks(name, x)
+            elif (name == "maxpool" and x.device.type == "cpu" and x.is_contiguous()
+                  and not torch.jit.is_scripting() and _eager()):
                 # PyTorch's CPU max pooling is about 5x faster in channels-last (the same values)
                 x = module(x.contiguous(memory_format=torch.channels_last)).contiguous()
             elif name not in ("bn1", "relu"):
@@ -211,6 +218,13 @@ class _ResNetBody(IntermediateLayerGetter):
             if name in self.return_layers:
                 out[self.return_layers[name]] = x
         return out
+
+    @torch.jit.unused
+    def _blocks(self, name: str, x: Tensor) -> Tensor:
+        """The layer `name`, each block after the first told that its input is scratch."""
+        for i, block in enumerate(getattr(self, name)):
+            x = block(x, x_is_scratch=i > 0)
+        return x
 
 
 def _foldable(resnet: nn.Module) -> bool:
