@@ -2,11 +2,13 @@
 iRPE on v) against the plain PyTorch path, its reference: the additive bias it builds, values and
 gradients, and the statistics of the kernel's dropout.
 
-forward takes that path on CUDA only; on the CPU the tests call it by routing forward there
-(`force_sdpa`), which runs the same code with PyTorch's CPU attention kernels, so that the bias,
-the masks and the gradients through them are checked on every machine.
+forward takes that path on CUDA, and on the CPU in inference (no gradient recorded, no dropout);
+elsewhere the tests route forward there (`force_sdpa`), which runs the same code with PyTorch's CPU
+attention kernels, so that the bias, the masks and the gradients through them are checked on every
+machine.
 """
 import math
+import warnings
 
 import pytest
 import torch
@@ -249,3 +251,36 @@ def test_the_sdpa_path_is_off_for_weights_rpe_v_the_switch_and_the_cpu():
         layer.use_fused_kernels = False
         assert not layer._sdpa_applies(q, False)
         assert not make_layer("product", "ctx", "qkv", device="cuda")._sdpa_applies(q, False)
+
+
+@pytest.mark.parametrize("method,mode,rpe_on", SETTINGS)
+def test_cpu_inference_takes_sdpa_with_the_plain_numbers_scripted_too(method, mode, rpe_on,
+                                                                       monkeypatch):
+    """Eval under no_grad on the CPU: SDPA with the bias as its mask, the plain path's output up to
+    float rounding, and the scripted layer's bit for bit; with gradients or dropout, not SDPA."""
+    layer = make_layer(method, mode, rpe_on).eval()
+    x = torch.randn(30, 2, 32)
+    kwargs = {"key_padding_mask": padding(), "hw": (5, 6), "need_weights": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(layer)
+    calls = count_calls(monkeypatch, F, "scaled_dot_product_attention")
+    with torch.no_grad():
+        layer.use_fused_kernels = False
+        plain = layer(x, x, x, **kwargs)[0]
+        assert not calls
+        layer.use_fused_kernels = True
+        out = layer(x, x, x, **kwargs)[0]
+        assert len(calls) == 1
+        assert_close_relative(out, plain, 2e-6)
+        assert torch.equal(scripted(x, x, x, **kwargs)[0], out)
+        assert len(calls) == 1  # scripted code calls the operator itself, not F's function
+        layer.train()  # dropout 0: nothing drawn, SDPA still
+        layer(x, x, x, **kwargs)
+        assert len(calls) == 2
+        layer.dropout = 0.1
+        layer(x, x, x, **kwargs)
+        assert len(calls) == 2
+    layer.eval()
+    layer(x, x, x, **kwargs)  # gradients recorded: the fused or plain CPU path
+    assert len(calls) == 2

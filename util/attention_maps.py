@@ -13,7 +13,8 @@ def capture_encoder_attention(model, layer=-1):
         'padding'  (B, h*w) True on padded positions, or None
 
     The layer is asked for its weights (need_weights=True) by a pre-hook, so its code is left as it
-    is and its output does not change.
+    is; its output changes by float rounding at most (on the CPU, inference without weights takes
+    PyTorch's SDPA, with weights the fused kernel).
     """
     attention = model.transformer.encoder.layers[layer].self_attn
     signature = inspect.signature(attention.forward)
