@@ -1,14 +1,9 @@
 """Panoptic annotations for the toy images (`datasets.toy`), so segmentation runs offline.
 
-`write_toy_panoptic(root)` adds, beside a toy set made by `generate_toy_coco(root)`:
-
-    root/annotations/panoptic_{train,val}2017.json
-    root/panoptic_{train,val}2017/<image file stem>.png
-
-The shapes are the things (rectangle 1, circle 2, triangle 3); the background is two stuff
-regions, the rows above the image's middle (4, "upper background") and those below (5, "lower
-background"). A shape's mask is read back from its image: the saturated pixels inside its box
-(shapes are coloured, backgrounds grey), checked against the pixel count the toy set recorded.
+`write_toy_panoptic(root)` adds root/annotations/panoptic_{train,val}2017.json and the PNGs in
+root/panoptic_{train,val}2017/. The shapes are the things; the background is two stuff regions,
+the rows above the image's middle and those below. A shape's mask is read back from its image:
+the saturated pixels inside its box, checked against the pixel count the toy set recorded.
 """
 import json
 import os
@@ -100,10 +95,7 @@ def _write_split(root, tmp, split_dir):
 
 def write_toy_panoptic(root):
     """Add the panoptic annotations to the toy set at `root` unless there; returns `root`.
-
-    The PNG folders are written under a temporary name and renamed into place; the json files,
-    written last, mark a complete set.
-    """
+    The PNG folders are renamed into place; the json files, written last, mark a complete set."""
     done = [os.path.join(root, "annotations", f"panoptic_{s}.json") for s in toy.SPLIT_DIRS]
     if all(os.path.isfile(p) for p in done):
         return root
@@ -124,9 +116,6 @@ def write_toy_panoptic(root):
 
 def build(image_set, args):
     """The toy images with panoptic targets (masks with --masks), generated when missing."""
-    root = getattr(args, "toy_path", None) or toy.default_toy_path(getattr(args, "output_dir", None))
-    toy.generate_toy_coco(root, num_train=getattr(args, "toy_num_train", None) or toy.NUM_TRAIN,
-                          num_val=getattr(args, "toy_num_val", None) or toy.NUM_VAL)
-    write_toy_panoptic(root)
+    root = write_toy_panoptic(toy.generated_root(args))
     return CocoPanoptic(root, root, image_set, transforms=toy.make_toy_transforms(image_set),
                         return_masks=getattr(args, "masks", False))
