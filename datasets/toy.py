@@ -18,11 +18,8 @@ from PIL import Image, ImageDraw
 from datasets import transforms as T
 from datasets.coco import CocoDetection, check_args
 
-CATEGORIES = (
-    {"id": 1, "name": "rectangle", "supercategory": "shape"},
-    {"id": 2, "name": "circle", "supercategory": "shape"},
-    {"id": 3, "name": "triangle", "supercategory": "shape"},
-)
+CATEGORIES = tuple({"id": i, "name": name, "supercategory": "shape"}
+                   for i, name in enumerate(("rectangle", "circle", "triangle"), start=1))
 # DETR's convention: the largest category id + 1 (the "no object" class comes on top of it).
 NUM_CLASSES = max(c["id"] for c in CATEGORIES) + 1
 
@@ -59,11 +56,6 @@ class ToyDataError(FileExistsError):
 def default_toy_path(output_dir=None):
     """Where the toy data goes by default: <output_dir>/toy_data, or ./toy_data."""
     return os.path.join(output_dir, "toy_data") if output_dir else os.path.join(".", "toy_data")
-
-
-def _class_colour(rng, category):
-    """The colour of a shape: its category's hue, lightly jittered."""
-    return np.clip(CLASS_COLOURS[category] + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3), 0, 255)
 
 
 def _shape_mask(width, height, category, box, orientation):
@@ -116,7 +108,8 @@ def render_toy_image(rng, image_size=IMAGE_SIZE, max_objects=MAX_OBJECTS):
         mask = _shape_mask(width, height, category, (x, y, w, h), int(rng.integers(0, 4)))
         left, top, right, bottom = mask.getbbox()
         inside = np.asarray(mask) > 0
-        pixels[inside] = _class_colour(rng, category)
+        jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
+        pixels[inside] = np.clip(CLASS_COLOURS[category] + jitter, 0, 255)
         objects.append((category, [left, top, right - left, bottom - top], int(inside.sum())))
 
     if rng.uniform() < NOISE_PROBABILITY:
@@ -126,16 +119,10 @@ def render_toy_image(rng, image_size=IMAGE_SIZE, max_objects=MAX_OBJECTS):
 
 
 def _settings(num_train, num_val, image_size, max_objects, seed):
-    return {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "num_train": int(num_train),
-        "num_val": int(num_val),
-        "image_size": [int(image_size[0]), int(image_size[1])],
-        "max_objects": int(max_objects),
-        "seed": int(seed),
-        "categories": [dict(c) for c in CATEGORIES],
-    }
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "num_train": int(num_train),
+            "num_val": int(num_val), "image_size": [int(image_size[0]), int(image_size[1])],
+            "max_objects": int(max_objects), "seed": int(seed),
+            "categories": [dict(c) for c in CATEGORIES]}
 
 
 def _write_json(path, data):

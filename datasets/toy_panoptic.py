@@ -18,10 +18,8 @@ from datasets.coco_panoptic import CocoPanoptic
 from datasets.toy import CATEGORIES, ToyDataError
 from util.panoptic import id_to_rgb
 
-STUFF_CATEGORIES = (
-    {"id": 4, "name": "upper background", "supercategory": "background"},
-    {"id": 5, "name": "lower background", "supercategory": "background"},
-)
+STUFF_CATEGORIES = tuple({"id": i, "name": name, "supercategory": "background"}
+                         for i, name in ((4, "upper background"), (5, "lower background")))
 NUM_CLASSES = max(c["id"] for c in STUFF_CATEGORIES) + 1
 # a shape pixel's channels differ by far more than this, a (grey, noisy) background pixel's by less
 SATURATION_THRESHOLD = 60
