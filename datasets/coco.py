@@ -134,9 +134,10 @@ class FolderImages:
     def path(self, file_name):
         return os.path.join(self.folder, file_name)
 
-    def missing_files(self, file_names):
-        """The file names among `file_names` that have no file in the folder."""
-        return [f for f in file_names if not os.path.isfile(self.path(f))]
+    def lacking(self, file_names):
+        """('the folder ... lacks', the file names among `file_names` with no file there)."""
+        return (f"the folder {self.folder} lacks",
+                [f for f in file_names if not os.path.isfile(self.path(f))])
 
     def open_bytes(self, file_name):
         path = self.path(file_name)
@@ -177,10 +178,10 @@ class ZipImages:
     def describe(self, file_name):
         return f"member {self.member(file_name)} of {self.zip_path}"
 
-    def missing_members(self, file_names):
-        """The file names among `file_names` that have no member in the archive."""
+    def lacking(self, file_names):
+        """('<zip> lacks', the members of `file_names` that the archive does not have)."""
         names = set(self._archive().namelist())
-        return [f for f in file_names if self.member(f) not in names]
+        return f"{self.zip_path} lacks", [m for m in map(self.member, file_names) if m not in names]
 
     def open_bytes(self, file_name):
         try:
@@ -389,14 +390,10 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def _check_images(self, file_names, own_files):
         """Name the images that the annotation file lists and the source lacks, before training."""
-        if isinstance(self.images, ZipImages):
-            missing = [self.images.member(f) for f in self.images.missing_members(file_names)]
-            where = f"{self.images.zip_path} lacks"
-        elif own_files:  # a stat per image; COCO 2017's own folders are trusted as before
-            missing = self.images.missing_files(file_names)
-            where = f"the folder {self.images.folder} lacks"
-        else:
+        # a stat per image in a folder: COCO 2017's own folders are trusted as before
+        if not (own_files or isinstance(self.images, ZipImages)):
             return
+        where, missing = self.images.lacking(file_names)
         if missing:
             raise DatasetNotFoundError(
                 f"{where} {len(missing)} image(s) listed in {self.annotation_file}, e.g. "
@@ -469,22 +466,21 @@ def build(image_set, args):
     --{image_set}_images when given, else from COCO 2017's layout under `args.coco_path`."""
     check_args(args)
     transforms = T.make_coco_transforms(image_set)
-    skip_bad_images = getattr(args, "skip_bad_images", False)
-    masks = getattr(args, "masks", False)
     annotation_file, images = own_files(args, image_set)
+    root = None
     if annotation_file or images:
         if not (annotation_file and images):
             given, lacking = ("ann", "images") if annotation_file else ("images", "ann")
             raise DatasetNotFoundError(f"--{image_set}_{given} needs --{image_set}_{lacking} as well; "
                                        f"{OWN_FILES_HELP.format(split=image_set)}")
-        return CocoDetection(None, image_set, transforms, annotation_file=annotation_file,
-                             images=images, return_masks=masks,
-                             skip_bad_images=skip_bad_images)
-    root = getattr(args, "coco_path", None)
-    if not root:
-        raise DatasetNotFoundError(
-            f"--dataset_file coco needs --coco_path pointing to the COCO 2017 data, or your own "
-            f"files for the {image_set} split; {OWN_FILES_HELP.format(split=image_set)}; "
-            f"or {LAYOUT_HELP}")
-    return CocoDetection(root, image_set, transforms=transforms, return_masks=masks,
-                         skip_bad_images=skip_bad_images)
+    else:
+        annotation_file = images = None
+        root = getattr(args, "coco_path", None)
+        if not root:
+            raise DatasetNotFoundError(
+                f"--dataset_file coco needs --coco_path pointing to the COCO 2017 data, or your "
+                f"own files for the {image_set} split; {OWN_FILES_HELP.format(split=image_set)}; "
+                f"or {LAYOUT_HELP}")
+    return CocoDetection(root, image_set, transforms, annotation_file, images,
+                         return_masks=getattr(args, "masks", False),
+                         skip_bad_images=getattr(args, "skip_bad_images", False))

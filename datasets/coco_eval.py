@@ -99,7 +99,7 @@ class CocoEvaluator:
             coco_eval.cocoDt = self.backend.load_results(self.coco_gt, img_ids, results)
             coco_eval.params.imgIds = list(img_ids)
             quiet(coco_eval.evaluate)
-            evaluated = self.backend.per_image(coco_eval)
+            evaluated = getattr(coco_eval, self.backend.per_image_field)
             per_image = np.empty(len(evaluated), dtype=object)
             per_image[:] = evaluated
             self.eval_imgs[iou_type].append(
@@ -120,7 +120,7 @@ class CocoEvaluator:
             img_ids, first = np.unique(img_ids, return_index=True)
             eval_imgs = eval_imgs[..., first]
             coco_eval = self.coco_eval[iou_type]
-            self.backend.set_per_image(coco_eval, list(eval_imgs.flatten()))
+            setattr(coco_eval, self.backend.per_image_field, list(eval_imgs.flatten()))
             coco_eval.params.imgIds = [int(i) for i in img_ids]
             coco_eval._paramsEval = copy.deepcopy(coco_eval.params)
         self._merged = True

@@ -1,7 +1,7 @@
 """The libraries that can compute COCO AP for `CocoEvaluator` (`--coco_eval_backend`).
 
 Both give COCOeval objects with the same `params`, `evaluate`, `summarize` and `stats`; they
-differ in where `evaluate` leaves its per-image results (`per_image`, `set_per_image`).
+differ in where `evaluate` leaves its per-image results (the attribute `per_image_field`).
 `accumulate` leaves pycocotools' `eval` dict with both, so eval.pth reads the same.
 
 faster_coco_eval (package faster-coco-eval) works in C++. Its twelve numbers equal pycocotools'
@@ -32,6 +32,7 @@ class PycocotoolsBackend:
     """The reference implementation (pure Python over numpy)."""
 
     name = "pycocotools"
+    per_image_field = "evalImgs"
 
     def ground_truth(self, coco):
         return coco
@@ -47,17 +48,12 @@ class PycocotoolsBackend:
     def accumulate(self, coco_eval):
         quiet(coco_eval.accumulate)
 
-    def per_image(self, coco_eval):
-        return coco_eval.evalImgs
-
-    def set_per_image(self, coco_eval, items):
-        coco_eval.evalImgs = items
-
 
 class FasterCocoEvalBackend:
     """faster-coco-eval: the same COCO/COCOeval interface, with evaluate/accumulate in C++."""
 
     name = "faster_coco_eval"
+    per_image_field = "_evalImgs_cpp"
 
     def __init__(self):
         try:
@@ -97,12 +93,6 @@ class FasterCocoEvalBackend:
         params.areaRngLbl, params.useCats = list(p.areaRngLbl), p.useCats
         coco_eval.eval = {"params": params, **{k: coco_eval.eval[k] for k in (
             "counts", "date", "precision", "recall", "scores")}}
-
-    def per_image(self, coco_eval):
-        return coco_eval._evalImgs_cpp
-
-    def set_per_image(self, coco_eval, items):
-        coco_eval._evalImgs_cpp = items
 
 
 def get_backend(name="pycocotools"):
