@@ -182,15 +182,36 @@ def draw_picture(image, detections):
 
 
 def save_attention(path, image, found, captured, index, count, category_names, sizes):
-    """The attention figure of image `index` of the batch, seen from the centres of its `count`
-    best-scoring boxes (above the threshold or not)."""
+    """Image `index` of the batch with the centres of its `count` best-scoring boxes (above the
+    threshold or not) marked, and beside it one heat map per point of where it attends."""
+    from matplotlib.figure import Figure  # only --attention needs matplotlib
+
     best = found["scores"].argsort(descending=True)[:count].tolist()
     boxes = found["boxes"][best].cpu()
     points = [((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in boxes.tolist()]
     labels = [f"{category_names.get(int(found['labels'][j]), int(found['labels'][j]))} "
               f"{float(found['scores'][j]):.2f}" for j in best]
     maps, extent = attention_maps(captured, index, points, sizes)
-    save_attention_figure(path, image, points, maps, extent, labels)
+    width, height = image.size
+    fig = Figure(figsize=(3.2 * (len(maps) + 1), 3.2 * height / width + 0.5))
+    axes = fig.subplots(1, len(maps) + 1, squeeze=False)[0]
+    axes[0].imshow(image)
+    axes[0].set_title("image")
+    for k, ((x, y), heat, label) in enumerate(zip(points, maps, labels), start=1):
+        axes[0].plot(x, y, "o", color="red", markersize=6, markeredgecolor="white")
+        axes[0].annotate(str(k), (x, y), color="white", xytext=(4, 4), textcoords="offset points")
+        # the map over a grey copy of the image, so that what is looked at can be recognised
+        axes[k].imshow(image.convert("L"), cmap="gray")
+        axes[k].imshow(heat.numpy(), cmap="inferno", alpha=0.6, extent=extent,
+                       interpolation="nearest")
+        axes[k].set_xlim(0, width)  # the last cells may reach past the image
+        axes[k].set_ylim(height, 0)
+        axes[k].plot(x, y, "o", color="red", markersize=6, markeredgecolor="white")
+        axes[k].set_title(f"{k}: {label}", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def attention_maps(captured, index, points, sizes):
@@ -210,31 +231,6 @@ def attention_maps(captured, index, points, sizes):
         row, col = min(int(y / cell_h), rows - 1), min(int(x / cell_w), cols - 1)
         maps.append(weights[row * w + col, :rows, :cols].float().cpu())
     return maps, (0, cols * cell_w, rows * cell_h, 0)
-
-
-def save_attention_figure(path, image, points, maps, extent, labels):
-    """The image with the points marked, then one heat map per point, side by side."""
-    from matplotlib.figure import Figure  # only --attention needs matplotlib
-
-    width, height = image.size
-    fig = Figure(figsize=(3.2 * (len(maps) + 1), 3.2 * height / width + 0.5))
-    axes = fig.subplots(1, len(maps) + 1, squeeze=False)[0]
-    axes[0].imshow(image)
-    axes[0].set_title("image")
-    for k, ((x, y), heat, label) in enumerate(zip(points, maps, labels), start=1):
-        axes[0].plot(x, y, "o", color="red", markersize=6, markeredgecolor="white")
-        axes[0].annotate(str(k), (x, y), color="white", xytext=(4, 4), textcoords="offset points")
-        # the map over a grey copy of the image, so that what is looked at can be recognised
-        axes[k].imshow(image.convert("L"), cmap="gray")
-        axes[k].imshow(heat.numpy(), cmap="inferno", alpha=0.6, extent=extent, interpolation="nearest")
-        axes[k].set_xlim(0, width)  # the last cells may reach past the image
-        axes[k].set_ylim(height, 0)
-        axes[k].plot(x, y, "o", color="red", markersize=6, markeredgecolor="white")
-        axes[k].set_title(f"{k}: {label}", fontsize=9)
-    for ax in axes:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 def image_outputs(outputs, index, size, padded_size):

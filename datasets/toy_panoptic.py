@@ -36,11 +36,14 @@ def is_thing_map():
     return {i: i in things for i in range(NUM_CLASSES)}
 
 
-def _segment(segment_id, category_id, mask):
+def _add_segment(segments, ids, category_id, mask):
+    """Append the segment of `mask` to `segments` and paint its id (the next one) into `ids`."""
     ys, xs = np.nonzero(mask)
     x0, y0 = int(xs.min()), int(ys.min())
-    return {"id": segment_id, "category_id": category_id, "iscrowd": 0,
-            "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0], "area": int(mask.sum())}
+    segments.append({"id": len(segments) + 1, "category_id": category_id, "iscrowd": 0,
+                     "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0],
+                     "area": int(mask.sum())})
+    ids[mask] = len(segments)
 
 
 def panoptic_ids(pixels, objects):
@@ -57,16 +60,12 @@ def panoptic_ids(pixels, objects):
             raise ToyDataError(f"toy image {ann['image_id']}: {int(mask.sum())} shape pixels found "
                                f"in box {ann['bbox']}, {ann['area']} recorded; the toy images no "
                                f"longer have saturated shapes on grey, update {__name__}")
-        segment = _segment(len(segments) + 1, ann["category_id"], mask)
-        ids[mask] = segment["id"]
-        segments.append(segment)
+        _add_segment(segments, ids, ann["category_id"], mask)
     rows = np.arange(height)[:, None] < height // 2
     for category, region in ((4, rows), (5, ~rows)):
         mask = region & (ids == 0)
         if mask.any():
-            segment = _segment(len(segments) + 1, category, mask)
-            ids[mask] = segment["id"]
-            segments.append(segment)
+            _add_segment(segments, ids, category, mask)
     return ids, segments
 
 
