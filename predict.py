@@ -153,7 +153,7 @@ def load_model(checkpoint_path, command_line, device, masks=False):
 def thing_map(options):
     """{category id: is a thing} of a segmentation model: its own, its data set's, or all things."""
     found = getattr(options, "is_thing_map", None)
-    if found is None and options.dataset_file in ("coco_panoptic", "toy_panoptic"):
+    if found is None:  # None for a data set without stuff
         found = is_thing_map_for(options.dataset_file)
     if found is None:
         found = {i: True for i in range(options.num_classes)}

@@ -3,6 +3,7 @@
 A PNG pixel's colour (R, G, B) is the segment id R + 256 G + 256^2 B (0: void); each segment of
 an image's 'segments_info' becomes one target instance (its mask, category, box, area, iscrowd).
 """
+import functools
 import json
 import os
 
@@ -60,7 +61,6 @@ class CocoPanoptic(CocoDetection):
         self.transforms = transforms
         self.return_masks = return_masks
         self.instances_file = instances_file
-        self._coco = None
         self.skipped = None  # CocoDetection's item reading: unreadable images are not skipped
 
     def load_image(self, image_id):
@@ -88,15 +88,12 @@ class CocoPanoptic(CocoDetection):
             target["masks"] = torch.from_numpy(ids[None] == segment_ids)
         return target
 
-    @property
+    @functools.cached_property
     def coco(self):
         """pycocotools COCO ground truth of the thing instances, for box and mask AP."""
-        if self._coco is None:
-            if self.instances_file is not None:
-                self._coco = load_coco_api(self.instances_file)
-            else:
-                self._coco = self._things_as_instances()
-        return self._coco
+        if self.instances_file is not None:
+            return load_coco_api(self.instances_file)
+        return self._things_as_instances()
 
     def _things_as_instances(self):
         annotations = []
