@@ -30,7 +30,6 @@ LAYOUT_HELP = (
     "<root>/val2017.zip whose members are train2017/<file_name> and val2017/<file_name>"
 )
 
-
 OWN_FILES_HELP = (
     "a split of your own data is --{split}_ann FILE (a COCO-format annotation json: 'images' with "
     "'id' and 'file_name', 'annotations' with 'image_id', 'category_id' and 'bbox' [x, y, w, h], "

@@ -146,12 +146,10 @@ def _write_split(root, split_index, split_dir, num_images, settings):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                 "category_id": category, "bbox": bbox, "area": area, "iscrowd": 0})
     _write_json(os.path.join(root, "annotations", f"instances_{split_dir}.json"), {
-        "info": {"description": "synthetic shapes (toy detection data)", "version": str(FORMAT_VERSION)},
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": settings["categories"],
-    })
+        "info": {"description": "synthetic shapes (toy detection data)",
+                 "version": str(FORMAT_VERSION)},
+        "licenses": [], "images": images, "annotations": annotations,
+        "categories": settings["categories"]})
 
 
 def _check_existing(root, settings):
