@@ -3,11 +3,9 @@
     model = torch.hub.load("path/to/this/repository", "detr_resnet50_rpe_2_0_product_ctx_1_k",
                            source="local", pretrained=True)
 
-pretrained=False builds the architecture with random weights and needs no network (the backbone
-is not initialised from ImageNet either). pretrained=True loads the published checkpoint, which
-is downloaded once into torch's hub cache (`torch.hub.get_dir()/checkpoints`) and read from there
-afterwards. return_postprocessor=True also returns the PostProcess that turns the outputs into
-boxes in image pixels.
+pretrained=False builds the architecture with random weights, offline; pretrained=True loads the
+published checkpoint, downloaded once into torch's hub cache. return_postprocessor=True also
+returns the PostProcess that turns the outputs into boxes in image pixels.
 """
 import os
 
@@ -54,37 +52,27 @@ def _published_checkpoint(url, num_classes):
     return checkpoints.load_checkpoint(path)
 
 
-def _entry(backbone_name, enc_rpe2d, url, pretrained, num_classes, return_postprocessor):
-    checkpoint = _published_checkpoint(url, num_classes) if pretrained else None
-    model = _make_detr(backbone_name, enc_rpe2d, num_classes)
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"], strict=True)
-    return (model, detr.PostProcess()) if return_postprocessor else model
+def _entry_point(enc_rpe2d, url, doc):
+    """A torch.hub entry point of the ResNet-50 model with iRPE `enc_rpe2d`, published at `url`."""
+    def entry(pretrained=False, num_classes=_COCO_CLASSES, return_postprocessor=False):
+        checkpoint = _published_checkpoint(url, num_classes) if pretrained else None
+        model = _make_detr("resnet50", enc_rpe2d, num_classes)
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"], strict=True)
+        return (model, detr.PostProcess()) if return_postprocessor else model
+    entry.__doc__ = doc
+    return entry
 
 
-def detr_resnet50(pretrained=False, num_classes=_COCO_CLASSES, return_postprocessor=False):
-    """DETR R50 without iRPE (DETR's own checkpoint, 500 epochs, box AP 0.420 on COCO val2017)."""
-    return _entry("resnet50", "", "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth",
-                  pretrained, num_classes, return_postprocessor)
-
-
-def detr_resnet50_rpe_1_9_product_ctx_1_k(pretrained=False, num_classes=_COCO_CLASSES,
-                                         return_postprocessor=False):
-    """DETR R50 with iRPE rpe-1.9-product-ctx-1-k (7x7 buckets), 150 epochs, box AP 0.409."""
-    return _entry("resnet50", "rpe-1.9-product-ctx-1-k", _IRPE_ZOO + "rpe-1.9-product-ctx-1-k.pth",
-                  pretrained, num_classes, return_postprocessor)
-
-
-def detr_resnet50_rpe_2_0_product_ctx_1_k(pretrained=False, num_classes=_COCO_CLASSES,
-                                         return_postprocessor=False):
-    """DETR R50 with iRPE rpe-2.0-product-ctx-1-k (9x9 buckets), 150 epochs, box AP 0.410."""
-    return _entry("resnet50", "rpe-2.0-product-ctx-1-k", _IRPE_ZOO + "rpe-2.0-product-ctx-1-k.pth",
-                  pretrained, num_classes, return_postprocessor)
-
-
-def detr_resnet50_rpe_2_0_product_ctx_1_k_300ep(pretrained=False, num_classes=_COCO_CLASSES,
-                                               return_postprocessor=False):
-    """DETR R50 with iRPE rpe-2.0-product-ctx-1-k (9x9 buckets), 300 epochs, box AP 0.422."""
-    return _entry("resnet50", "rpe-2.0-product-ctx-1-k",
-                  _IRPE_ZOO + "rpe-2.0-product-ctx-1-k_300epochs.pth",
-                  pretrained, num_classes, return_postprocessor)
+detr_resnet50 = _entry_point(
+    "", "https://dl.fbaipublicfiles.com/detr/detr-r50-e632da11.pth",
+    "DETR R50 without iRPE (DETR's own checkpoint, 500 epochs, box AP 0.420 on COCO val2017).")
+detr_resnet50_rpe_1_9_product_ctx_1_k = _entry_point(
+    "rpe-1.9-product-ctx-1-k", _IRPE_ZOO + "rpe-1.9-product-ctx-1-k.pth",
+    "DETR R50 with iRPE rpe-1.9-product-ctx-1-k (7x7 buckets), 150 epochs, box AP 0.409.")
+detr_resnet50_rpe_2_0_product_ctx_1_k = _entry_point(
+    "rpe-2.0-product-ctx-1-k", _IRPE_ZOO + "rpe-2.0-product-ctx-1-k.pth",
+    "DETR R50 with iRPE rpe-2.0-product-ctx-1-k (9x9 buckets), 150 epochs, box AP 0.410.")
+detr_resnet50_rpe_2_0_product_ctx_1_k_300ep = _entry_point(
+    "rpe-2.0-product-ctx-1-k", _IRPE_ZOO + "rpe-2.0-product-ctx-1-k_300epochs.pth",
+    "DETR R50 with iRPE rpe-2.0-product-ctx-1-k (9x9 buckets), 300 epochs, box AP 0.422.")

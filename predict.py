@@ -1,21 +1,14 @@
 """Detect objects in your pictures with a trained checkpoint and draw what was found.
 
     python predict.py --resume rpe-2.0-product-ctx-1-k.pth --images photos/ street.jpg \
-        --output_dir predictions [--threshold 0.7] [--device cpu] [--batch_size 4] [--attention]
-        [--masks]
+        --output_dir predictions [--threshold 0.7] [--attention] [--masks]
 
-Writes OUTPUT_DIR/predictions.json (COCO results: image_id, category_id, bbox [x, y, w, h] in the
-image's pixels, score; plus file_name and category_name) and OUTPUT_DIR/<image name>.png with the
-boxes, class names and scores drawn; with --attention also OUTPUT_DIR/attention/<image name>.png,
-the last encoder layer's self-attention (iRPE included) seen from the centres of the best boxes.
-
-A checkpoint with a mask head (trained with --masks) is drawn as its panoptic segmentation
-instead: OUTPUT_DIR/<image name>.png gets the segments filled in their class colours and named,
-OUTPUT_DIR/panoptic/<image name>.png is the COCO panoptic PNG (segment id R + 256 G + 256^2 B,
-0 where nothing was kept) and OUTPUT_DIR/panoptic.json its segments, in COCO panoptic format.
-
-The model options come from the checkpoint's args; a file without args (a bare state_dict) needs
-main.py's model options (--enc_rpe2d, --backbone, --num_classes, ...) on the command line.
+Writes OUTPUT_DIR/predictions.json (COCO results, plus file_name and category_name) and
+OUTPUT_DIR/<image name>.png with the boxes drawn; with --attention also OUTPUT_DIR/attention/,
+the last encoder layer's self-attention seen from the centres of the best boxes. A checkpoint
+with a mask head draws its panoptic segmentation instead, and writes the COCO panoptic PNGs
+(OUTPUT_DIR/panoptic/) and OUTPUT_DIR/panoptic.json. The model options come from the checkpoint's
+args; a bare state_dict needs main.py's model options on the command line.
 """
 import argparse
 import contextlib
@@ -75,9 +68,6 @@ def get_args_parser():
     return parser
 
 
-# ----------------------------------------------------------------------------------------------
-# Inputs
-
 def find_images(paths):
     """The image files among `paths` (files as given, folders' images in name order)."""
     found = []
@@ -111,8 +101,7 @@ def output_names(paths):
 
 
 def make_transform(size, max_size):
-    """Evaluation's transform (short side `size`, long side at most `max_size`, ImageNet
-    normalisation); called as transform(pil_image, None)."""
+    """Evaluation's transform (short side `size`, long side at most `max_size`)."""
     return T.Compose([T.RandomResize([size], max_size=max_size), T.normalize_transform()])
 
 
@@ -123,9 +112,6 @@ def read_image(path):
     except OSError as err:
         raise SystemExit(f"error: cannot read {path} as an image ({err})") from None
 
-
-# ----------------------------------------------------------------------------------------------
-# The model, from the checkpoint's own options
 
 def model_options(checkpoint, command_line, device):
     """main.py's options for building the checkpoint's model: its args over the command line's."""
@@ -144,9 +130,8 @@ def model_options(checkpoint, command_line, device):
 
 
 def load_model(checkpoint_path, command_line, device, masks=False):
-    """(model in eval mode on `device`, PostProcess, {category id: name}, options) of a
-    checkpoint. `masks` builds a segmentation model from a file without args; for a file whose
-    args say it has no mask head it is ignored (with a warning: its boxes are drawn)."""
+    """(model in eval mode, PostProcess, {category id: name}, options) of a checkpoint; `masks`
+    builds a segmentation model from a file without args (a detector's args win, with a warning)."""
     checkpoint = load_checkpoint(checkpoint_path)
     options = model_options(checkpoint, command_line, device)
     if masks and checkpoint.get("args") is None:
@@ -166,10 +151,9 @@ def load_model(checkpoint_path, command_line, device, masks=False):
 
 
 def thing_map(options):
-    """{category id: is a thing} of a segmentation model: the one it was trained with, that of
-    its data set, or (instance segmentation, as on COCO with --masks) every class a thing."""
+    """{category id: is a thing} of a segmentation model: its own, its data set's, or all things."""
     found = getattr(options, "is_thing_map", None)
-    if found is None and options.dataset_file in ("coco_panoptic", "toy_panoptic"):
+    if found is None:  # None for a data set without stuff
         found = is_thing_map_for(options.dataset_file)
     if found is None:
         found = {i: True for i in range(options.num_classes)}
@@ -187,12 +171,8 @@ def coco_results(found, image_id, file_name, threshold, category_names):
                                                       found["labels"][keep].tolist())]
 
 
-# ----------------------------------------------------------------------------------------------
-# Pictures
-
 def draw_picture(image, detections):
-    """A copy of the PIL `image` with each detection (coco_results) drawn as a box labelled
-    'name score' (util.visualize.draw_detections, at the image's own size)."""
+    """A copy of the PIL `image` with each detection (coco_results) drawn, labelled 'name score'."""
     boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in detections)])
     labels = [d["category_id"] for d in detections]
     names = {d["category_id"]: d["category_name"] for d in detections}
@@ -202,22 +182,42 @@ def draw_picture(image, detections):
 
 
 def save_attention(path, image, found, captured, index, count, category_names, sizes):
-    """The attention figure of image `index` of the batch, seen from the centres of its `count`
-    best-scoring predicted boxes (whether above the threshold or not)."""
+    """Image `index` of the batch with the centres of its `count` best-scoring boxes (above the
+    threshold or not) marked, and beside it one heat map per point of where it attends."""
+    from matplotlib.figure import Figure  # only --attention needs matplotlib
+
     best = found["scores"].argsort(descending=True)[:count].tolist()
     boxes = found["boxes"][best].cpu()
     points = [((x0 + x1) / 2, (y0 + y1) / 2) for x0, y0, x1, y1 in boxes.tolist()]
     labels = [f"{category_names.get(int(found['labels'][j]), int(found['labels'][j]))} "
               f"{float(found['scores'][j]):.2f}" for j in best]
     maps, extent = attention_maps(captured, index, points, sizes)
-    save_attention_figure(path, image, points, maps, extent, labels)
+    width, height = image.size
+    fig = Figure(figsize=(3.2 * (len(maps) + 1), 3.2 * height / width + 0.5))
+    axes = fig.subplots(1, len(maps) + 1, squeeze=False)[0]
+    axes[0].imshow(image)
+    axes[0].set_title("image")
+    for k, ((x, y), heat, label) in enumerate(zip(points, maps, labels), start=1):
+        axes[0].plot(x, y, "o", color="red", markersize=6, markeredgecolor="white")
+        axes[0].annotate(str(k), (x, y), color="white", xytext=(4, 4), textcoords="offset points")
+        # the map over a grey copy of the image, so that what is looked at can be recognised
+        axes[k].imshow(image.convert("L"), cmap="gray")
+        axes[k].imshow(heat.numpy(), cmap="inferno", alpha=0.6, extent=extent,
+                       interpolation="nearest")
+        axes[k].set_xlim(0, width)  # the last cells may reach past the image
+        axes[k].set_ylim(height, 0)
+        axes[k].plot(x, y, "o", color="red", markersize=6, markeredgecolor="white")
+        axes[k].set_title(f"{k}: {label}", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def attention_maps(captured, index, points, sizes):
-    """For each point (x, y) of image `index` of the batch, the (rows, cols) map of where its
-    feature-map token attends, padding removed; and the extent (0, right, bottom, 0) in image
-    pixels that those cells cover. `sizes`: the (w, h) of the image, of it resized for the model,
-    and of the padded batch."""
+    """(maps, extent): for each point (x, y) of image `index`, where its token attends, padding
+    removed, and the (0, right, bottom, 0) image pixels those cells cover. `sizes`: the (w, h) of
+    the image, of it resized for the model, and of the padded batch."""
     h, w = captured["hw"]
     weights = captured["weights"][index].reshape(h * w, h, w)
     valid = torch.ones(h, w, dtype=torch.bool) if captured["padding"] is None else \
@@ -233,39 +233,9 @@ def attention_maps(captured, index, points, sizes):
     return maps, (0, cols * cell_w, rows * cell_h, 0)
 
 
-def save_attention_figure(path, image, points, maps, extent, labels):
-    """The image with the points marked, then one heat map per point (covering `extent` in image
-    pixels), side by side."""
-    from matplotlib.figure import Figure  # only --attention needs matplotlib
-
-    width, height = image.size
-    fig = Figure(figsize=(3.2 * (len(maps) + 1), 3.2 * height / width + 0.5))
-    axes = fig.subplots(1, len(maps) + 1, squeeze=False)[0]
-    axes[0].imshow(image)
-    axes[0].set_title("image")
-    for k, ((x, y), heat, label) in enumerate(zip(points, maps, labels), start=1):
-        axes[0].plot(x, y, "o", color="red", markersize=6, markeredgecolor="white")
-        axes[0].annotate(str(k), (x, y), color="white", xytext=(4, 4), textcoords="offset points")
-        # the map over a grey copy of the image, so that what is looked at can be recognised
-        axes[k].imshow(image.convert("L"), cmap="gray")
-        axes[k].imshow(heat.numpy(), cmap="inferno", alpha=0.6, extent=extent, interpolation="nearest")
-        axes[k].set_xlim(0, width)  # the last cells may reach past the image
-        axes[k].set_ylim(height, 0)
-        axes[k].plot(x, y, "o", color="red", markersize=6, markeredgecolor="white")
-        axes[k].set_title(f"{k}: {label}", fontsize=9)
-    for ax in axes:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-# ----------------------------------------------------------------------------------------------
-# Panoptic segmentation (checkpoints with a mask head)
-
 def image_outputs(outputs, index, size, padded_size):
-    """Image `index`'s outputs of a batch, its mask logits cut to the part that covers the image
-    ((h, w) `size` of the (H, W) `padded_size` batch), so that PostProcessPanoptic, which resizes
-    the masks it is given to the image, sees no padding."""
+    """Image `index`'s outputs of a batch, its mask logits cut to the part that covers its (h, w)
+    `size` of the `padded_size` batch, so that PostProcessPanoptic sees no padding."""
     masks = outputs["pred_masks"][index:index + 1]
     rows = math.ceil(masks.shape[-2] * size[0] / padded_size[0])
     cols = math.ceil(masks.shape[-1] * size[1] / padded_size[1])
@@ -274,8 +244,7 @@ def image_outputs(outputs, index, size, padded_size):
 
 
 def coco_panoptic_segments(ids, segments_info, category_names):
-    """PostProcessPanoptic's id image (segment k has id k) and segments -> the COCO panoptic id
-    image (segment ids from 1, 0 where no segment is) and its segments_info."""
+    """PostProcessPanoptic's id image and segments -> COCO panoptic ones (ids from 1, 0: none)."""
     ids = np.asarray(ids, dtype=np.int64)
     coco_ids = np.zeros_like(ids)
     segments = []
@@ -319,8 +288,6 @@ def write_panoptic_json(args, paths, images, annotations, is_thing, category_nam
     with open(os.path.join(args.output_dir, "panoptic.json"), "w") as f:
         json.dump(data, f)
 
-
-# ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def predict(args, model_command_line):

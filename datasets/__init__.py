@@ -1,11 +1,6 @@
-"""Data sets for DETR: COCO 2017 detection and panoptic, and a built-in synthetic toy set (same
-COCO layouts).
-
-`build_dataset(image_set, args)` reads `args.dataset_file` ('coco', 'coco_panoptic', 'toy' or
-'toy_panoptic'), `args.coco_path` or your own files (`args.train_ann`, `args.train_images`,
-`args.val_ann`, `args.val_images`), `args.coco_panoptic_path`, `args.toy_path` (optional:
-`args.output_dir`, `args.toy_num_train`, `args.toy_num_val`) and `args.masks` (targets with masks).
-"""
+"""Data sets for DETR: COCO 2017 detection and panoptic, your own COCO-format files, and a
+built-in synthetic toy set in the same layouts; `build_dataset(image_set, args)` picks one by
+`args.dataset_file`."""
 import logging
 
 import torch
@@ -90,8 +85,8 @@ def dataset_categories(dataset):
 
 
 def build_datasets(args):
-    """(training set or None with --eval, validation set); the validation set is built by the main
-    process first, so that data made on first use (the toy sets) is made once."""
+    """(training set or None with --eval, validation set); the main process builds first, so that
+    data made on first use (the toy sets) is made once."""
     if utils.is_main_process():
         dataset_val = build_dataset(image_set="val", args=args)
     if args.distributed:
@@ -102,9 +97,8 @@ def build_datasets(args):
 
 
 def class_setup(args, dataset):
-    """What the model takes from the data: (num_classes, is_thing_map, category names {id: name}).
-    For your own files the classifier follows the categories (largest id + 1) unless
-    --num_classes says otherwise."""
+    """(num_classes, is_thing_map, category names {id: name}) of the data; for your own files
+    num_classes follows the categories (largest id + 1) unless --num_classes is given."""
     category_names = dataset_categories(dataset)
     largest = max(category_names, default=0)
     num_classes = args.num_classes
@@ -121,9 +115,9 @@ def class_setup(args, dataset):
 
 
 def build_loaders(args, dataset_train, dataset_val):
-    """DataLoaders whose randomness comes from their own generators, saved with each checkpoint:
-    (train loader, val loader, train sampler, generators); the training ones are None and ()
-    without a training set. On CUDA they hand out batches in pinned memory."""
+    """(train loader, val loader, train sampler, generators): loaders whose randomness comes from
+    generators saved with each checkpoint; the training ones are None and () without a training
+    set. On CUDA they hand out batches in pinned memory."""
     pin = torch.device(args.device).type == "cuda"
     sampler_val = (DistributedSampler(dataset_val, shuffle=False) if args.distributed
                    else torch.utils.data.SequentialSampler(dataset_val))

@@ -1,15 +1,8 @@
 """COCO object detection: reading images and annotations, and preparing DETR targets.
 
-Either your own files (`--train_ann`, `--train_images`, `--val_ann`, `--val_images`): any
-COCO-format annotation file, and a folder or a zip of the images it names; or COCO 2017's layout
-under the data root (`--coco_path`):
-
-    annotations/instances_train2017.json
-    annotations/instances_val2017.json
-    train2017/<file_name> ...   or   train2017.zip with members train2017/<file_name>
-    val2017/<file_name> ...     or   val2017.zip   with members val2017/<file_name>
-
-An image folder is preferred over the zip when both exist.
+Either your own files (`--{train,val}_ann` and `--{train,val}_images`: any COCO-format json and a
+folder or zip of its images) or COCO 2017's layout under `--coco_path` (LAYOUT_HELP); an image
+folder is preferred over the zip when both exist.
 """
 import contextlib
 import io
@@ -37,7 +30,6 @@ LAYOUT_HELP = (
     "<root>/val2017.zip whose members are train2017/<file_name> and val2017/<file_name>"
 )
 
-
 OWN_FILES_HELP = (
     "a split of your own data is --{split}_ann FILE (a COCO-format annotation json: 'images' with "
     "'id' and 'file_name', 'annotations' with 'image_id', 'category_id' and 'bbox' [x, y, w, h], "
@@ -61,10 +53,7 @@ SKIP_HELP = "pass --skip_bad_images to train and evaluate without such images"
 
 
 def fill_annotation_defaults(coco):
-    """Give every annotation of a pycocotools COCO object the fields COCOeval needs.
-
-    'iscrowd' defaults to 0 and 'area' to the box area (both in place; real COCO has both).
-    """
+    """Give a pycocotools COCO's annotations 'iscrowd' 0 and the box 'area' where missing."""
     for ann in coco.anns.values():
         ann.setdefault("iscrowd", 0)
         if "area" not in ann and "bbox" in ann:
@@ -118,11 +107,7 @@ def coco_from_dict(dataset, coco_class=COCO):
 
 
 def load_coco_api(annotation_file, help_text=LAYOUT_HELP):
-    """pycocotools COCO object for a COCO-format json file (without its progress output).
-
-    A file that is not valid json or not in COCO's detection format raises ValueError saying
-    what is wrong. Annotations without an 'id' are numbered; see also fill_annotation_defaults.
-    """
+    """pycocotools COCO object of a COCO-format json file; ValueError saying what is wrong."""
     try:
         with open(annotation_file, "rb") as f:
             data = json.load(f)
@@ -138,9 +123,6 @@ def load_coco_api(annotation_file, help_text=LAYOUT_HELP):
     return fill_annotation_defaults(coco_from_dict(data))
 
 
-# ----------------------------------------------------------------------------------------------
-# Image sources
-
 class FolderImages:
     """Images stored as files in a folder."""
 
@@ -151,9 +133,10 @@ class FolderImages:
     def path(self, file_name):
         return os.path.join(self.folder, file_name)
 
-    def missing_files(self, file_names):
-        """The file names among `file_names` that have no file in the folder."""
-        return [f for f in file_names if not os.path.isfile(self.path(f))]
+    def lacking(self, file_names):
+        """('the folder ... lacks', the file names among `file_names` with no file there)."""
+        return (f"the folder {self.folder} lacks",
+                [f for f in file_names if not os.path.isfile(self.path(f))])
 
     def open_bytes(self, file_name):
         path = self.path(file_name)
@@ -171,8 +154,7 @@ class FolderImages:
 class ZipImages:
     """Images stored as members `<prefix>/<file_name>` (`<file_name>` for prefix '') of a zip.
 
-    The archive is opened lazily, once per process (keyed by os.getpid()), and the handle is never
-    pickled: DataLoader workers, forked or spawned, each read through their own handle.
+    Opened lazily once per process and never pickled: each DataLoader worker has its own handle.
     """
 
     def __init__(self, zip_path, prefix, help_text=LAYOUT_HELP):
@@ -195,10 +177,10 @@ class ZipImages:
     def describe(self, file_name):
         return f"member {self.member(file_name)} of {self.zip_path}"
 
-    def missing_members(self, file_names):
-        """The file names among `file_names` that have no member in the archive."""
+    def lacking(self, file_names):
+        """('<zip> lacks', the members of `file_names` that the archive does not have)."""
         names = set(self._archive().namelist())
-        return [f for f in file_names if self.member(f) not in names]
+        return f"{self.zip_path} lacks", [m for m in map(self.member, file_names) if m not in names]
 
     def open_bytes(self, file_name):
         try:
@@ -267,9 +249,6 @@ def coco_2017_annotation_file(root, split):
     return annotation_file
 
 
-# ----------------------------------------------------------------------------------------------
-# Targets
-
 def segmentation_mask(segmentation, height, width, image_id=None):
     """(height, width) bool mask of a COCO 'segmentation': polygons, or RLE (plain or compressed)."""
     try:
@@ -312,10 +291,7 @@ def clipped_xyxy(bboxes, width, height):
 
 def count_box_faults(coco):
     """(boxes reaching outside their image, boxes of zero or negative size) among the non-crowd
-    annotations of a pycocotools COCO object, by the image sizes its json gives.
-
-    prepare_target clips the first and drops the second, as DETR does.
-    """
+    annotations of a pycocotools COCO; prepare_target clips the first and drops the second."""
     outside = empty = 0
     for ann in coco.anns.values():
         image = coco.imgs.get(ann.get("image_id"), {})
@@ -332,15 +308,26 @@ def count_box_faults(coco):
     return outside, empty
 
 
-def prepare_target(image_size, image_id, annotations, return_masks=False):
-    """DETR target for one image from its COCO annotations.
+def annotation_target(image_size, image_id, annotations):
+    """DETR target of COCO annotations (or panoptic segments) on an image of (w, h) `image_size`:
+    boxes xyxy clipped to the image, 'area' the box area where absent, sizes int64 [h, w]."""
+    w, h = image_size
+    size = torch.tensor([h, w], dtype=torch.int64)
+    return {
+        "boxes": clipped_xyxy([a["bbox"] for a in annotations], w, h),
+        "labels": torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64),
+        "image_id": torch.tensor([image_id], dtype=torch.int64),
+        "area": torch.tensor([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in annotations],
+                             dtype=torch.float32),
+        "iscrowd": torch.tensor([a.get("iscrowd", 0) for a in annotations], dtype=torch.int64),
+        "orig_size": size,
+        "size": size.clone(),
+    }
 
-    `image_size` is (w, h). Crowd annotations are dropped ('iscrowd' absent or 0 is kept). Boxes go
-    from xywh to xyxy, are clipped to the image, and boxes left empty are removed together with
-    their label, area, iscrowd (and mask). 'image_id' is an int64 tensor of shape [1]; 'orig_size'
-    and 'size' are int64 [h, w]; 'area' is the annotation's 'area' (the box area when absent).
-    With `return_masks`, 'masks' (N, h, w) bool from each annotation's 'segmentation'.
-    """
+
+def prepare_target(image_size, image_id, annotations, return_masks=False):
+    """DETR target of one image's COCO annotations: crowds dropped, boxes left empty by clipping
+    removed with their other fields; with `return_masks`, 'masks' (N, h, w) bool."""
     w, h = image_size
     annotations = [a for a in annotations if not a.get("iscrowd", 0)]
     if return_masks:
@@ -349,59 +336,37 @@ def prepare_target(image_size, image_id, annotations, return_masks=False):
             raise ValueError(f"--masks: annotations {missing[:5]} of image {image_id} have no "
                              f"'segmentation'; use an instances file with masks, or drop --masks")
         masks = [segmentation_mask(a["segmentation"], h, w, image_id) for a in annotations]
-        masks = torch.stack(masks) if masks else torch.zeros((0, h, w), dtype=torch.bool)
-    boxes = clipped_xyxy([a["bbox"] for a in annotations], w, h)
-    labels = torch.tensor([a["category_id"] for a in annotations], dtype=torch.int64)
-    area = torch.tensor([a.get("area", a["bbox"][2] * a["bbox"][3]) for a in annotations],
-                        dtype=torch.float32)
-    iscrowd = torch.tensor([a.get("iscrowd", 0) for a in annotations], dtype=torch.int64)
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    size = torch.tensor([h, w], dtype=torch.int64)
-    target = {
-        "boxes": boxes[keep],
-        "labels": labels[keep],
-        "image_id": torch.tensor([image_id], dtype=torch.int64),
-        "area": area[keep],
-        "iscrowd": iscrowd[keep],
-        "orig_size": size,
-        "size": size.clone(),
-    }
+    target = annotation_target(image_size, image_id, annotations)
     if return_masks:
-        target["masks"] = masks[keep]
+        target["masks"] = torch.stack(masks) if masks else torch.zeros((0, h, w), dtype=torch.bool)
+    boxes = target["boxes"]
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    target.update({k: target[k][keep] for k in T.INSTANCE_FIELDS if k in target})
     return target
 
 
-# ----------------------------------------------------------------------------------------------
-# Dataset
-
 class CocoDetection(torch.utils.data.Dataset):
-    """(image, target) pairs of one COCO-format split, in increasing image id order.
+    """(image, target) pairs of one COCO-format split ('train' or 'val'), by image id.
 
-    `root` follows COCO 2017's layout (module docstring); `split` is 'train' or 'val'. Your own
-    files instead: `annotation_file` (any COCO-format json) and `images` (a folder or a zip of
-    the images it names); `root` is then not used. `transforms` is called as
-    transforms(pil_image, target). The pycocotools COCO object is `self.coco`.
-    `return_masks` adds the instance masks (see prepare_target).
-    An image that cannot be read raises BadImageError naming it; with `skip_bad_images` it is
-    skipped instead (the next readable image takes its place) and counted in `self.skipped`.
+    From COCO 2017's layout under `root`, or your own `annotation_file` and `images` (a folder or
+    zip). An unreadable image raises BadImageError; with `skip_bad_images` the next readable image
+    takes its place and `self.skipped` counts it.
     """
 
     def __init__(self, root, split, transforms=None, annotation_file=None, images=None,
-                 return_masks=False,
-                 skip_bad_images=False):
+                 return_masks=False, skip_bad_images=False):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: expected one of {sorted(SPLITS)}")
         if (annotation_file is None) != (images is None):
             raise ValueError("annotation_file and images go together: give both or neither")
         own_files = annotation_file is not None
         help_text = OWN_FILES_HELP.format(split=split) if own_files else LAYOUT_HELP
-        if own_files:
-            if not os.path.isfile(annotation_file):
-                raise DatasetNotFoundError(
-                    f"annotation file {annotation_file} does not exist; {help_text}")
-        else:
+        if not own_files:
             annotation_file = coco_2017_annotation_file(root, split)
             images = find_images(root, SPLITS[split])
+        elif not os.path.isfile(annotation_file):
+            raise DatasetNotFoundError(
+                f"annotation file {annotation_file} does not exist; {help_text}")
         self.root = root
         self.split = split
         self.annotation_file = annotation_file
@@ -424,14 +389,10 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def _check_images(self, file_names, own_files):
         """Name the images that the annotation file lists and the source lacks, before training."""
-        if isinstance(self.images, ZipImages):
-            missing = [self.images.member(f) for f in self.images.missing_members(file_names)]
-            where = f"{self.images.zip_path} lacks"
-        elif own_files:  # a stat per image; COCO 2017's own folders are trusted as before
-            missing = self.images.missing_files(file_names)
-            where = f"the folder {self.images.folder} lacks"
-        else:
+        # a stat per image in a folder: COCO 2017's own folders are trusted as before
+        if not (own_files or isinstance(self.images, ZipImages)):
             return
+        where, missing = self.images.lacking(file_names)
         if missing:
             raise DatasetNotFoundError(
                 f"{where} {len(missing)} image(s) listed in {self.annotation_file}, e.g. "
@@ -441,10 +402,7 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.ids)
 
     def load_image(self, image_id):
-        """The image as an RGB PIL image (grayscale and palette images are converted).
-
-        Raises BadImageError naming the file (or zip member) when it cannot be decoded.
-        """
+        """The image as an RGB PIL image; BadImageError naming the file when it cannot be read."""
         file_name = self.coco.imgs[image_id]["file_name"]
         try:
             with self.images.open_bytes(file_name) as f, Image.open(f) as img:
@@ -507,22 +465,21 @@ def build(image_set, args):
     --{image_set}_images when given, else from COCO 2017's layout under `args.coco_path`."""
     check_args(args)
     transforms = T.make_coco_transforms(image_set)
-    skip_bad_images = getattr(args, "skip_bad_images", False)
-    masks = getattr(args, "masks", False)
     annotation_file, images = own_files(args, image_set)
+    root = None
     if annotation_file or images:
         if not (annotation_file and images):
             given, lacking = ("ann", "images") if annotation_file else ("images", "ann")
             raise DatasetNotFoundError(f"--{image_set}_{given} needs --{image_set}_{lacking} as well; "
                                        f"{OWN_FILES_HELP.format(split=image_set)}")
-        return CocoDetection(None, image_set, transforms, annotation_file=annotation_file,
-                             images=images, return_masks=masks,
-                             skip_bad_images=skip_bad_images)
-    root = getattr(args, "coco_path", None)
-    if not root:
-        raise DatasetNotFoundError(
-            f"--dataset_file coco needs --coco_path pointing to the COCO 2017 data, or your own "
-            f"files for the {image_set} split; {OWN_FILES_HELP.format(split=image_set)}; "
-            f"or {LAYOUT_HELP}")
-    return CocoDetection(root, image_set, transforms=transforms, return_masks=masks,
-                         skip_bad_images=skip_bad_images)
+    else:
+        annotation_file = images = None
+        root = getattr(args, "coco_path", None)
+        if not root:
+            raise DatasetNotFoundError(
+                f"--dataset_file coco needs --coco_path pointing to the COCO 2017 data, or your "
+                f"own files for the {image_set} split; {OWN_FILES_HELP.format(split=image_set)}; "
+                f"or {LAYOUT_HELP}")
+    return CocoDetection(root, image_set, transforms, annotation_file, images,
+                         return_masks=getattr(args, "masks", False),
+                         skip_bad_images=getattr(args, "skip_bad_images", False))

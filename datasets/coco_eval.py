@@ -1,22 +1,14 @@
 """COCO box and mask evaluation (COCOeval), batch by batch and across processes.
 
-Usage:
-
-    evaluator = CocoEvaluator(coco_gt)            # coco_gt: pycocotools COCO of the split
-                                                  # (iou_types=("bbox", "segm") for mask AP too)
+    evaluator = CocoEvaluator(coco_gt)            # iou_types=("bbox", "segm") for mask AP too
     for batch ...:
         evaluator.update({image_id: {"scores": ..., "labels": ..., "boxes": ...}, ...})
     evaluator.synchronize_between_processes()
     evaluator.accumulate()
-    text = evaluator.summarize()                  # the usual 12-line table, as text
-    stats = evaluator.coco_eval["bbox"].stats     # the 12 numbers (AP, AP50, ..., AR_large)
+    text = evaluator.summarize()                  # the usual 12-line table; numbers in .stats
 
-COCOeval comes from pycocotools, or with `backend="faster_coco_eval"` from faster-coco-eval (the
-same numbers, computed in C++; see datasets/coco_eval_backends.py).
-
-Each `update` evaluates its images right away (COCOeval's per-image step) and keeps only the
-per-image results; `synchronize_between_processes` gathers them from every process, and
-`accumulate` turns them into precision/recall (`coco_eval["bbox"].eval`).
+Each `update` runs COCOeval's per-image step at once and keeps only its per-image results, which
+`synchronize_between_processes` gathers from every process.
 """
 import copy
 
@@ -61,12 +53,8 @@ def _per_image_shape(params, num_images):
 
 
 class CocoEvaluator:
-    """Box AP of predictions against the ground truth `coco_gt` (a pycocotools COCO).
-
-    `coco_gt` itself is left unchanged: the evaluator works on a deep copy, whose annotations
-    lacking 'iscrowd' or 'area' get the defaults of `datasets.coco.fill_annotation_defaults`.
-    `backend` names the library that computes AP ('pycocotools' or 'faster_coco_eval').
-    """
+    """Box (and mask) AP of predictions against `coco_gt` (a pycocotools COCO, left unchanged);
+    `backend` names the library that computes AP ('pycocotools' or 'faster_coco_eval')."""
 
     def __init__(self, coco_gt, iou_types=("bbox",), backend="pycocotools"):
         iou_types = tuple(iou_types)
@@ -94,11 +82,8 @@ class CocoEvaluator:
         return self.coco_eval[iou_type]
 
     def update(self, predictions):
-        """Evaluate one batch: {image_id: {'scores': (N,), 'labels': (N,), 'boxes': (N, 4) xyxy}}
-        (and 'masks' (N, 1, H, W) for segm).
-
-        An image with N = 0 still counts (its ground truth becomes misses).
-        """
+        """Evaluate one batch: {image_id: {'scores', 'labels', 'boxes' xyxy (and 'masks')}}; an
+        image with no predictions still counts (its ground truth becomes misses)."""
         img_ids = sorted({int(i) for i in predictions})
         if not img_ids:
             return
@@ -114,7 +99,7 @@ class CocoEvaluator:
             coco_eval.cocoDt = self.backend.load_results(self.coco_gt, img_ids, results)
             coco_eval.params.imgIds = list(img_ids)
             quiet(coco_eval.evaluate)
-            evaluated = self.backend.per_image(coco_eval)
+            evaluated = getattr(coco_eval, self.backend.per_image_field)
             per_image = np.empty(len(evaluated), dtype=object)
             per_image[:] = evaluated
             self.eval_imgs[iou_type].append(
@@ -135,7 +120,7 @@ class CocoEvaluator:
             img_ids, first = np.unique(img_ids, return_index=True)
             eval_imgs = eval_imgs[..., first]
             coco_eval = self.coco_eval[iou_type]
-            self.backend.set_per_image(coco_eval, list(eval_imgs.flatten()))
+            setattr(coco_eval, self.backend.per_image_field, list(eval_imgs.flatten()))
             coco_eval.params.imgIds = [int(i) for i in img_ids]
             coco_eval._paramsEval = copy.deepcopy(coco_eval.params)
         self._merged = True

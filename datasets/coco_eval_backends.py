@@ -1,20 +1,11 @@
 """The libraries that can compute COCO AP for `CocoEvaluator` (`--coco_eval_backend`).
 
-    backend = get_backend("faster_coco_eval")     # or "pycocotools" (the default)
-    gt = backend.ground_truth(coco)               # coco: a pycocotools COCO, annotations complete
-    coco_eval = backend.new_eval(gt, "bbox")
-    coco_eval.cocoDt = backend.load_results(gt, img_ids, results)   # one batch of images
-
 Both give COCOeval objects with the same `params`, `evaluate`, `summarize` and `stats`; they
-differ in where `evaluate` leaves its per-image results (`per_image` and `set_per_image` read and
-replace them, for the merge across processes). `backend.accumulate(coco_eval)` leaves the same
-`eval` dict with both (pycocotools' keys and Params), so eval.pth reads the same whichever wrote it.
+differ in where `evaluate` leaves its per-image results (the attribute `per_image_field`).
+`accumulate` leaves pycocotools' `eval` dict with both, so eval.pth reads the same.
 
-faster_coco_eval (package faster-coco-eval, Apache-2.0) does the per-image matching and the
-accumulation in C++. Its twelve numbers equal pycocotools' up to one corner: pycocotools divides
-by `tp + fp + 2.2e-16`, faster_coco_eval by `tp + fp`, so a precision of 1/1 (a category whose
-highest-scoring detection is a true positive) is 1 - 2.2e-16 in pycocotools and 1.0 in
-faster_coco_eval. The twelve numbers then differ by at most about 2e-16.
+faster_coco_eval (package faster-coco-eval) works in C++. Its twelve numbers equal pycocotools'
+up to about 2e-16: pycocotools divides by `tp + fp + 2.2e-16`, faster_coco_eval by `tp + fp`.
 """
 import numpy as np
 from pycocotools.coco import COCO
@@ -31,10 +22,7 @@ class CocoEvalBackendError(ValueError):
 
 def _load_batch_results(coco_class, gt, img_ids, results):
     """The detections `results` on the images `img_ids` of `gt`, as a `coco_class` (its loadRes).
-
-    loadRes copies and indexes every image of the COCO it is called on; called on a view of the
-    batch's images only, a batch costs its own size rather than the whole split's.
-    """
+    loadRes copies every image of its COCO: on a view of the batch's images it costs the batch's."""
     view = coco_from_dict({"images": [gt.imgs[i] for i in img_ids],
                            "categories": list(gt.cats.values())}, coco_class)
     return quiet(view.loadRes, results)[0]
@@ -44,6 +32,7 @@ class PycocotoolsBackend:
     """The reference implementation (pure Python over numpy)."""
 
     name = "pycocotools"
+    per_image_field = "evalImgs"
 
     def ground_truth(self, coco):
         return coco
@@ -59,17 +48,12 @@ class PycocotoolsBackend:
     def accumulate(self, coco_eval):
         quiet(coco_eval.accumulate)
 
-    def per_image(self, coco_eval):
-        return coco_eval.evalImgs
-
-    def set_per_image(self, coco_eval, items):
-        coco_eval.evalImgs = items
-
 
 class FasterCocoEvalBackend:
     """faster-coco-eval: the same COCO/COCOeval interface, with evaluate/accumulate in C++."""
 
     name = "faster_coco_eval"
+    per_image_field = "_evalImgs_cpp"
 
     def __init__(self):
         try:
@@ -109,12 +93,6 @@ class FasterCocoEvalBackend:
         params.areaRngLbl, params.useCats = list(p.areaRngLbl), p.useCats
         coco_eval.eval = {"params": params, **{k: coco_eval.eval[k] for k in (
             "counts", "date", "precision", "recall", "scores")}}
-
-    def per_image(self, coco_eval):
-        return coco_eval._evalImgs_cpp
-
-    def set_per_image(self, coco_eval, items):
-        coco_eval._evalImgs_cpp = items
 
 
 def get_backend(name="pycocotools"):

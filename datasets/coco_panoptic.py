@@ -1,15 +1,9 @@
 """COCO panoptic segmentation 2017: images, segment masks from the panoptic PNGs, DETR targets.
 
-Expected layout:
-
-    <coco_path>/train2017/ (or train2017.zip), <coco_path>/val2017/ (or val2017.zip): the images
-    <coco_panoptic_path>/annotations/panoptic_{train,val}2017.json
-    <coco_panoptic_path>/panoptic_{train,val}2017/<file_name>.png
-
-A PNG pixel's colour (R, G, B) is the segment id R + 256 G + 256^2 B; id 0 is void. Each segment
-of an image's 'segments_info' becomes one target instance: its mask, its category id as label, its
-json box (xywh -> xyxy, clipped to the image), 'iscrowd' and 'area'.
+A PNG pixel's colour (R, G, B) is the segment id R + 256 G + 256^2 B (0: void); each segment of
+an image's 'segments_info' becomes one target instance (its mask, category, box, area, iscrowd).
 """
+import functools
 import json
 import os
 
@@ -18,7 +12,7 @@ import torch
 from PIL import Image
 
 from datasets import transforms as T
-from datasets.coco import (SPLITS, CocoDetection, DatasetNotFoundError, clipped_xyxy,
+from datasets.coco import (SPLITS, CocoDetection, DatasetNotFoundError, annotation_target,
                            coco_from_dict, find_images, load_coco_api, mask_to_rle)
 from util.panoptic import rgb_to_id
 
@@ -30,14 +24,10 @@ PANOPTIC_LAYOUT_HELP = (
 
 
 class CocoPanoptic(CocoDetection):
-    """(image, target) pairs of one COCO panoptic split, in increasing image id order.
+    """(image, target) pairs of one COCO panoptic split, by image id (CocoDetection's reading).
 
-    Shares CocoDetection's item reading; the annotations come from the panoptic json and PNGs.
-
-    `image_root` holds the images (folder or zip, as CocoDetection), `panoptic_root` the json and
-    PNGs. Targets carry 'masks' (N, H, W) bool only with `return_masks`. `instances_file`, when
-    given, is the COCO instances json of the same images, used as box/mask AP ground truth (as
-    DETR does); without it that ground truth is made from the thing segments of the panoptic data.
+    `image_root` holds the images, `panoptic_root` the json and PNGs. The box/mask AP ground truth
+    is `instances_file` when given (as DETR does), else the panoptic data's thing segments.
     """
 
     def __init__(self, image_root, panoptic_root, split, transforms=None, return_masks=True,
@@ -71,11 +61,7 @@ class CocoPanoptic(CocoDetection):
         self.transforms = transforms
         self.return_masks = return_masks
         self.instances_file = instances_file
-        self._coco = None
         self.skipped = None  # CocoDetection's item reading: unreadable images are not skipped
-
-    def __len__(self):
-        return len(self.ids)
 
     def load_image(self, image_id):
         with self.image_source.open_bytes(self.images[image_id]["file_name"]) as f, Image.open(f) as img:
@@ -92,16 +78,7 @@ class CocoPanoptic(CocoDetection):
     def load_target(self, image_id, image_size):
         w, h = image_size
         segments = self.annotations[image_id]["segments_info"]
-        size = torch.tensor([h, w], dtype=torch.int64)
-        target = {
-            "boxes": clipped_xyxy([s["bbox"] for s in segments], w, h),
-            "labels": torch.tensor([s["category_id"] for s in segments], dtype=torch.int64),
-            "image_id": torch.tensor([image_id], dtype=torch.int64),
-            "area": torch.tensor([s["area"] for s in segments], dtype=torch.float32),
-            "iscrowd": torch.tensor([s.get("iscrowd", 0) for s in segments], dtype=torch.int64),
-            "orig_size": size,
-            "size": size.clone(),
-        }
+        target = annotation_target(image_size, image_id, segments)
         if self.return_masks:
             ids = self.load_ids(image_id)
             if ids.shape != (h, w):
@@ -111,15 +88,12 @@ class CocoPanoptic(CocoDetection):
             target["masks"] = torch.from_numpy(ids[None] == segment_ids)
         return target
 
-    @property
+    @functools.cached_property
     def coco(self):
         """pycocotools COCO ground truth of the thing instances, for box and mask AP."""
-        if self._coco is None:
-            if self.instances_file is not None:
-                self._coco = load_coco_api(self.instances_file)
-            else:
-                self._coco = self._things_as_instances()
-        return self._coco
+        if self.instances_file is not None:
+            return load_coco_api(self.instances_file)
+        return self._things_as_instances()
 
     def _things_as_instances(self):
         annotations = []

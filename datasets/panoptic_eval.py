@@ -1,17 +1,10 @@
 """Panoptic quality (PQ, SQ, RQ) with the rules of the COCO panoptic API (panopticapi).
 
-Per image, a predicted and a ground-truth segment of the same category match when their IoU is
-above 0.5 (the union leaves out the prediction's pixels on void). Per category:
-PQ = sum of matched IoUs / (TP + FP/2 + FN/2), SQ = sum IoU / TP, RQ = TP / (TP + FP/2 + FN/2).
-Unmatched ground truth counts as FN unless crowd; an unmatched prediction counts as FP unless
-more than half of it lies on void (id 0) or on the crowd region of its category. Ground-truth
-areas are the json's 'area'; predicted areas are counted in the PNG. The scores are averaged over
-the categories that have any TP, FP or FN, for all categories, things and stuff.
-
-    evaluator = PanopticEvaluator(annotations, categories, load_ground_truth_ids)
-    evaluator.update([{"image_id", "png_string", "segments_info"}, ...])   # PostProcessPanoptic
-    evaluator.synchronize_between_processes()
-    results = evaluator.summarize()   # {"All"|"Things"|"Stuff": {"pq", "sq", "rq", "n"}, "per_class"}
+Segments of one category match when their IoU is above 0.5 (the union leaves out the
+prediction's pixels on void). PQ = sum IoU / (TP + FP/2 + FN/2), SQ = sum IoU / TP,
+RQ = TP / (TP + FP/2 + FN/2). Unmatched ground truth is FN unless crowd; an unmatched prediction
+is FP unless more than half of it lies on void or on its category's crowd region. The scores are
+averaged over the categories with any TP, FP or FN.
 """
 import io
 from collections import defaultdict
@@ -43,11 +36,7 @@ class CategoryStats:
 
 
 def image_stats(gt_ids, gt_segments, pred_ids, pred_segments, categories):
-    """{category_id: CategoryStats} of one image.
-
-    gt_ids / pred_ids: (H, W) segment ids; gt_segments / pred_segments: segments_info lists
-    ({'id', 'category_id'}, ground truth also 'iscrowd' and 'area'); categories: known ids.
-    """
+    """{category_id: CategoryStats} of one image from its (H, W) id images and segments_info."""
     if gt_ids.shape != pred_ids.shape:
         raise PanopticEvaluationError(f"predicted id image {pred_ids.shape} and ground truth "
                                       f"{gt_ids.shape} differ in size")
@@ -129,11 +118,8 @@ def pq_average(stats, categories, isthing=None):
 
 
 class PanopticEvaluator:
-    """Accumulates per-image, per-category counts, across processes; see the module docstring.
-
-    annotations: {image_id: ground-truth annotation with 'segments_info'}; categories: {id:
-    category with 'isthing'}; load_ids(image_id): the ground-truth (H, W) id image.
-    """
+    """Per-image, per-category counts across processes, from ground-truth `annotations` {image_id:
+    annotation}, `categories` {id: category} and `load_ids(image_id)`, the (H, W) id image."""
 
     def __init__(self, annotations, categories, load_ids):
         self.annotations = annotations

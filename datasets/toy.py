@@ -1,20 +1,11 @@
-"""Built-in toy detection data: small synthetic images of simple shapes in COCO layout.
+"""Built-in toy detection data: small synthetic images of simple shapes in COCO 2017's layout.
 
-`generate_toy_coco(root)` writes, once and deterministically (fixed seed, PNG images):
-
-    root/train2017/000001.png ...
-    root/val2017/000001.png ...
-    root/annotations/instances_train2017.json
-    root/annotations/instances_val2017.json
-    root/toy_info.json                 (the generation settings; marks a complete set)
-
-so the toy data goes through the same reading (`datasets.coco.CocoDetection`) and evaluation code
-as real COCO. Each image has a grey background with a soft linear gradient (and, on half of
-them, a little pixel noise), and 1 to `max_objects` filled shapes, each inside its own cell of a
-GRID x GRID layout. Categories: 1 rectangle, 2 circle, 3 triangle; each category has its own hue
-(red, green, blue, lightly jittered), so that a detector trained from scratch on two CPU cores
-learns it within minutes. A box is the exact extent of its shape's pixels, and 'area' its pixel
-count.
+`generate_toy_coco(root)` writes, once and deterministically, root/{train,val}2017/*.png,
+root/annotations/instances_{train,val}2017.json and root/toy_info.json (the settings; it marks a
+complete set), read and evaluated as real COCO is. Each image is a grey gradient (on half of them
+with noise) with 1 to `max_objects` shapes, one per cell of a GRID x GRID layout, each category in
+its own hue, so that a detector trained from scratch on a CPU learns it within minutes. A box is
+the exact extent of its shape's pixels, and 'area' its pixel count.
 """
 import json
 import os
@@ -27,11 +18,8 @@ from PIL import Image, ImageDraw
 from datasets import transforms as T
 from datasets.coco import CocoDetection, check_args
 
-CATEGORIES = (
-    {"id": 1, "name": "rectangle", "supercategory": "shape"},
-    {"id": 2, "name": "circle", "supercategory": "shape"},
-    {"id": 3, "name": "triangle", "supercategory": "shape"},
-)
+CATEGORIES = tuple({"id": i, "name": name, "supercategory": "shape"}
+                   for i, name in enumerate(("rectangle", "circle", "triangle"), start=1))
 # DETR's convention: the largest category id + 1 (the "no object" class comes on top of it).
 NUM_CLASSES = max(c["id"] for c in CATEGORIES) + 1
 
@@ -44,7 +32,6 @@ MAX_OBJECTS = 4
 SEED = 0
 
 MIN_SHAPE = 12  # shortest shape side in pixels
-MAX_SHAPE_FRACTION = 0.45  # longest shape side, as a fraction of the image's short side
 GAP = 2  # minimum number of background pixels between two shapes' boxes
 GRADIENT = 24.0  # largest brightness change of the background across the image
 NOISE_PROBABILITY = 0.5  # share of images with pixel noise (noise makes PNGs large and slow)
@@ -71,14 +58,6 @@ def default_toy_path(output_dir=None):
     return os.path.join(output_dir, "toy_data") if output_dir else os.path.join(".", "toy_data")
 
 
-# ----------------------------------------------------------------------------------------------
-# Drawing
-
-def _class_colour(rng, category):
-    """The colour of a shape: its category's hue, lightly jittered."""
-    return np.clip(CLASS_COLOURS[category] + rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3), 0, 255)
-
-
 def _shape_mask(width, height, category, box, orientation):
     """Mask ('L' image) of one filled shape drawn inside box = (x, y, w, h)."""
     x, y, w, h = box
@@ -99,14 +78,6 @@ def _shape_mask(width, height, category, box, orientation):
         ][orientation]
         draw.polygon(corners, fill=255)
     return mask
-
-
-def _overlaps(box, others):
-    x, y, w, h = box
-    for ox, oy, ow, oh in others:
-        if x < ox + ow + GAP and ox < x + w + GAP and y < oy + oh + GAP and oy < y + h + GAP:
-            return True
-    return False
 
 
 def render_toy_image(rng, image_size=IMAGE_SIZE, max_objects=MAX_OBJECTS):
@@ -137,7 +108,8 @@ def render_toy_image(rng, image_size=IMAGE_SIZE, max_objects=MAX_OBJECTS):
         mask = _shape_mask(width, height, category, (x, y, w, h), int(rng.integers(0, 4)))
         left, top, right, bottom = mask.getbbox()
         inside = np.asarray(mask) > 0
-        pixels[inside] = _class_colour(rng, category)
+        jitter = rng.integers(-COLOUR_JITTER, COLOUR_JITTER + 1, size=3)
+        pixels[inside] = np.clip(CLASS_COLOURS[category] + jitter, 0, 255)
         objects.append((category, [left, top, right - left, bottom - top], int(inside.sum())))
 
     if rng.uniform() < NOISE_PROBABILITY:
@@ -146,20 +118,11 @@ def render_toy_image(rng, image_size=IMAGE_SIZE, max_objects=MAX_OBJECTS):
     return Image.fromarray(pixels, "RGB"), objects
 
 
-# ----------------------------------------------------------------------------------------------
-# Writing
-
 def _settings(num_train, num_val, image_size, max_objects, seed):
-    return {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "num_train": int(num_train),
-        "num_val": int(num_val),
-        "image_size": [int(image_size[0]), int(image_size[1])],
-        "max_objects": int(max_objects),
-        "seed": int(seed),
-        "categories": [dict(c) for c in CATEGORIES],
-    }
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "num_train": int(num_train),
+            "num_val": int(num_val), "image_size": [int(image_size[0]), int(image_size[1])],
+            "max_objects": int(max_objects), "seed": int(seed),
+            "categories": [dict(c) for c in CATEGORIES]}
 
 
 def _write_json(path, data):
@@ -183,12 +146,10 @@ def _write_split(root, split_index, split_dir, num_images, settings):
             annotations.append({"id": len(annotations) + 1, "image_id": image_id,
                                 "category_id": category, "bbox": bbox, "area": area, "iscrowd": 0})
     _write_json(os.path.join(root, "annotations", f"instances_{split_dir}.json"), {
-        "info": {"description": "synthetic shapes (toy detection data)", "version": str(FORMAT_VERSION)},
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": settings["categories"],
-    })
+        "info": {"description": "synthetic shapes (toy detection data)",
+                 "version": str(FORMAT_VERSION)},
+        "licenses": [], "images": images, "annotations": annotations,
+        "categories": settings["categories"]})
 
 
 def _check_existing(root, settings):
@@ -219,9 +180,8 @@ def generate_toy_coco(root, num_train=NUM_TRAIN, num_val=NUM_VAL, image_size=IMA
                       max_objects=MAX_OBJECTS, seed=SEED):
     """Write the toy data set to `root` unless it is already there; returns `root`.
 
-    The set is written into a fresh folder beside `root` and renamed into place, so `root` is
-    either absent or complete. Calling again with the same settings does nothing; a `root` that
-    holds anything else raises ToyDataError. The same settings always give the same bytes.
+    Written beside `root` and renamed into place, so `root` is either absent or complete; a `root`
+    holding anything else raises ToyDataError. The same settings always give the same bytes.
     """
     if num_train < 1 or num_val < 1:
         raise ValueError(f"the toy set needs at least one image per split (got num_train={num_train}, "
@@ -259,9 +219,6 @@ def generate_toy_coco(root, num_train=NUM_TRAIN, num_val=NUM_VAL, image_size=IMA
     return root
 
 
-# ----------------------------------------------------------------------------------------------
-# Dataset
-
 def make_toy_transforms(image_set):
     """Cheap augmentation for the small toy images: random flip when training, then normalise."""
     if image_set == "train":
@@ -271,15 +228,17 @@ def make_toy_transforms(image_set):
     raise ValueError(f"unknown image_set {image_set!r}: expected 'train' or 'val'")
 
 
-def build(image_set, args):
-    """The toy split `image_set`, generated first into `args.toy_path` when missing.
-
-    Optional args: `toy_num_train`, `toy_num_val` (image counts; None for the defaults).
-    """
-    check_args(args)
+def generated_root(args):
+    """`args.toy_path` (or the default), the toy set generated there first when missing, with
+    `args.toy_num_train` and `args.toy_num_val` images (None for the defaults)."""
     root = getattr(args, "toy_path", None) or default_toy_path(getattr(args, "output_dir", None))
-    num_train = getattr(args, "toy_num_train", None) or NUM_TRAIN
-    num_val = getattr(args, "toy_num_val", None) or NUM_VAL
-    generate_toy_coco(root, num_train=num_train, num_val=num_val)
+    return generate_toy_coco(root, num_train=getattr(args, "toy_num_train", None) or NUM_TRAIN,
+                             num_val=getattr(args, "toy_num_val", None) or NUM_VAL)
+
+
+def build(image_set, args):
+    """The toy split `image_set`, generated first into `args.toy_path` when missing."""
+    check_args(args)
+    root = generated_root(args)
     return CocoDetection(root, image_set, transforms=make_toy_transforms(image_set),
                          skip_bad_images=getattr(args, "skip_bad_images", False))

@@ -1,14 +1,9 @@
 """Panoptic annotations for the toy images (`datasets.toy`), so segmentation runs offline.
 
-`write_toy_panoptic(root)` adds, beside a toy set made by `generate_toy_coco(root)`:
-
-    root/annotations/panoptic_{train,val}2017.json
-    root/panoptic_{train,val}2017/<image file stem>.png
-
-The shapes are the things (rectangle 1, circle 2, triangle 3); the background is two stuff
-regions, the rows above the image's middle (4, "upper background") and those below (5, "lower
-background"). A shape's mask is read back from its image: the saturated pixels inside its box
-(shapes are coloured, backgrounds grey), checked against the pixel count the toy set recorded.
+`write_toy_panoptic(root)` adds root/annotations/panoptic_{train,val}2017.json and the PNGs in
+root/panoptic_{train,val}2017/. The shapes are the things; the background is two stuff regions,
+the rows above the image's middle and those below. A shape's mask is read back from its image:
+the saturated pixels inside its box, checked against the pixel count the toy set recorded.
 """
 import json
 import os
@@ -23,10 +18,8 @@ from datasets.coco_panoptic import CocoPanoptic
 from datasets.toy import CATEGORIES, ToyDataError
 from util.panoptic import id_to_rgb
 
-STUFF_CATEGORIES = (
-    {"id": 4, "name": "upper background", "supercategory": "background"},
-    {"id": 5, "name": "lower background", "supercategory": "background"},
-)
+STUFF_CATEGORIES = tuple({"id": i, "name": name, "supercategory": "background"}
+                         for i, name in ((4, "upper background"), (5, "lower background")))
 NUM_CLASSES = max(c["id"] for c in STUFF_CATEGORIES) + 1
 # a shape pixel's channels differ by far more than this, a (grey, noisy) background pixel's by less
 SATURATION_THRESHOLD = 60
@@ -43,11 +36,14 @@ def is_thing_map():
     return {i: i in things for i in range(NUM_CLASSES)}
 
 
-def _segment(segment_id, category_id, mask):
+def _add_segment(segments, ids, category_id, mask):
+    """Append the segment of `mask` to `segments` and paint its id (the next one) into `ids`."""
     ys, xs = np.nonzero(mask)
     x0, y0 = int(xs.min()), int(ys.min())
-    return {"id": segment_id, "category_id": category_id, "iscrowd": 0,
-            "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0], "area": int(mask.sum())}
+    segments.append({"id": len(segments) + 1, "category_id": category_id, "iscrowd": 0,
+                     "bbox": [x0, y0, int(xs.max()) + 1 - x0, int(ys.max()) + 1 - y0],
+                     "area": int(mask.sum())})
+    ids[mask] = len(segments)
 
 
 def panoptic_ids(pixels, objects):
@@ -64,16 +60,12 @@ def panoptic_ids(pixels, objects):
             raise ToyDataError(f"toy image {ann['image_id']}: {int(mask.sum())} shape pixels found "
                                f"in box {ann['bbox']}, {ann['area']} recorded; the toy images no "
                                f"longer have saturated shapes on grey, update {__name__}")
-        segment = _segment(len(segments) + 1, ann["category_id"], mask)
-        ids[mask] = segment["id"]
-        segments.append(segment)
+        _add_segment(segments, ids, ann["category_id"], mask)
     rows = np.arange(height)[:, None] < height // 2
     for category, region in ((4, rows), (5, ~rows)):
         mask = region & (ids == 0)
         if mask.any():
-            segment = _segment(len(segments) + 1, category, mask)
-            ids[mask] = segment["id"]
-            segments.append(segment)
+            _add_segment(segments, ids, category, mask)
     return ids, segments
 
 
@@ -100,10 +92,7 @@ def _write_split(root, tmp, split_dir):
 
 def write_toy_panoptic(root):
     """Add the panoptic annotations to the toy set at `root` unless there; returns `root`.
-
-    The PNG folders are written under a temporary name and renamed into place; the json files,
-    written last, mark a complete set.
-    """
+    The PNG folders are renamed into place; the json files, written last, mark a complete set."""
     done = [os.path.join(root, "annotations", f"panoptic_{s}.json") for s in toy.SPLIT_DIRS]
     if all(os.path.isfile(p) for p in done):
         return root
@@ -124,9 +113,6 @@ def write_toy_panoptic(root):
 
 def build(image_set, args):
     """The toy images with panoptic targets (masks with --masks), generated when missing."""
-    root = getattr(args, "toy_path", None) or toy.default_toy_path(getattr(args, "output_dir", None))
-    toy.generate_toy_coco(root, num_train=getattr(args, "toy_num_train", None) or toy.NUM_TRAIN,
-                          num_val=getattr(args, "toy_num_val", None) or toy.NUM_VAL)
-    write_toy_panoptic(root)
+    root = write_toy_panoptic(toy.generated_root(args))
     return CocoPanoptic(root, root, image_set, transforms=toy.make_toy_transforms(image_set),
                         return_masks=getattr(args, "masks", False))

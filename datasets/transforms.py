@@ -1,15 +1,8 @@
-"""Joint transforms of a (PIL image, target) pair for detection and segmentation.
+"""Joint transforms of a (PIL image, target) pair; the target (or None) is prepare_target's dict.
 
-A target is the dict made by `datasets.coco.prepare_target`: 'boxes' (N, 4) float32 xyxy in
-absolute pixels, 'labels', 'area', 'iscrowd', optionally 'masks' (N, H, W) bool (one entry per
-instance), 'image_id', 'orig_size' and 'size' (int64 [h, w], kept up to date by every geometric
-step). Masks follow every geometric step as the image pixels do. The target may be None.
-
-Geometric steps work on PIL images. `ToTensor` turns the image into a float (3, H, W) tensor in
-[0, 1]; `Normalize` standardises it and turns the boxes into (cx, cy, w, h) divided by the image
-width and height, the form the DETR loss expects.
-
-Randomness comes from Python's `random` module, which PyTorch reseeds in every DataLoader worker.
+Geometric steps work on PIL images and keep boxes, masks and 'size' in step; `Normalize` turns
+the boxes into (cx, cy, w, h) / image size, as the DETR loss expects. Randomness comes from
+Python's `random`, which PyTorch reseeds in every DataLoader worker.
 """
 import random
 from dataclasses import dataclass
@@ -35,16 +28,9 @@ CROP_MAX_SIZE = 600
 VAL_SCALE = 800
 
 
-# ----------------------------------------------------------------------------------------------
-# Functional forms
-
 def get_size_with_aspect_ratio(image_size, size, max_size=None):
-    """Output (h, w) for resizing an image of `image_size` = (w, h) to short side `size`.
-
-    When the long side would then exceed `max_size`, the short side is reduced to
-    round(max_size * short / long) instead, at least 1. An image whose short side already equals
-    the target keeps its size; otherwise the long side becomes int(size * long / short) (truncated).
-    """
+    """Output (h, w) for resizing `image_size` = (w, h) to short side `size`, the long side
+    capped by `max_size` (then the short side is round(max_size * short / long), at least 1)."""
     w, h = image_size
     short, long = float(min(w, h)), float(max(w, h))
     if max_size is not None and long / short * size > max_size:
@@ -58,11 +44,7 @@ def get_size_with_aspect_ratio(image_size, size, max_size=None):
 
 
 def resize(image, target, size, max_size=None):
-    """Resize a PIL image (bilinear) so its short side is `size` (see get_size_with_aspect_ratio).
-
-    `size` may also be an explicit (h, w). Boxes scale by (new_w / w, new_h / h), areas by the
-    product of the two ratios.
-    """
+    """Resize a PIL image (bilinear) to short side `size` or to an explicit (h, w) `size`."""
     if isinstance(size, (list, tuple)):
         new_h, new_w = (int(s) for s in size)
     else:
@@ -95,11 +77,8 @@ def resize_masks(masks, height, width):
 
 
 def crop(image, target, region):
-    """Crop `region` = (top, left, height, width) out of a PIL image.
-
-    Boxes are shifted by the crop origin and clipped to the crop; their area is recomputed from
-    the clipped box, and boxes left with zero width or height are dropped with their labels.
-    """
+    """Crop `region` = (top, left, height, width); boxes are clipped to it (area recomputed),
+    and those left empty are dropped with their other instance fields."""
     top, left, height, width = (int(v) for v in region)
     image = image.crop((left, top, left + width, top + height))
     if target is None:
@@ -135,10 +114,7 @@ def hflip(image, target):
 
 
 def pad(image, target, padding):
-    """Pad a PIL image with `padding` = (right, bottom) black pixels; masks are padded with False.
-
-    Boxes and areas do not change; 'size' becomes the padded size.
-    """
+    """Pad a PIL image with `padding` = (right, bottom) black pixels (masks with False)."""
     pad_w, pad_h = (int(v) for v in padding)
     padded = Image.new(image.mode, (image.width + pad_w, image.height + pad_h))
     padded.paste(image, (0, 0))
@@ -150,9 +126,6 @@ def pad(image, target, padding):
         target["masks"] = F.pad(target["masks"], (0, pad_w, 0, pad_h))
     return padded, target
 
-
-# ----------------------------------------------------------------------------------------------
-# Transform objects
 
 class Compose:
     def __init__(self, transforms):
@@ -173,9 +146,7 @@ class RandomHorizontalFlip:
     p: float = 0.5
 
     def __call__(self, image, target):
-        if random.random() < self.p:
-            return hflip(image, target)
-        return image, target
+        return hflip(image, target) if random.random() < self.p else (image, target)
 
 
 @dataclass
@@ -217,15 +188,6 @@ class RandomSizeCrop:
 
 
 @dataclass
-class RandomPad:
-    """Pad right and bottom by amounts drawn uniformly from 0..max_pad."""
-    max_pad: int
-
-    def __call__(self, image, target):
-        return pad(image, target, (random.randint(0, self.max_pad), random.randint(0, self.max_pad)))
-
-
-@dataclass
 class RandomSelect:
     """Apply `first` with probability p, otherwise `second`."""
     first: Callable
@@ -233,9 +195,8 @@ class RandomSelect:
     p: float = 0.5
 
     def __call__(self, image, target):
-        if random.random() < self.p:
-            return self.first(image, target)
-        return self.second(image, target)
+        chosen = self.first if random.random() < self.p else self.second
+        return chosen(image, target)
 
 
 @dataclass
@@ -274,19 +235,11 @@ def normalize_transform():
 def make_coco_transforms(image_set):
     """DETR's COCO augmentation ('train') or evaluation resize ('val')."""
     if image_set == "train":
-        return Compose([
-            RandomHorizontalFlip(0.5),
-            RandomSelect(
-                RandomResize(TRAIN_SCALES, max_size=TRAIN_MAX_SIZE),
-                Compose([
-                    RandomResize(CROP_PRE_SCALES),
-                    RandomSizeCrop(CROP_MIN_SIZE, CROP_MAX_SIZE),
-                    RandomResize(TRAIN_SCALES, max_size=TRAIN_MAX_SIZE),
-                ]),
-                p=0.5,
-            ),
-            normalize_transform(),
-        ])
+        multi_scale = RandomResize(TRAIN_SCALES, max_size=TRAIN_MAX_SIZE)
+        cropped = Compose([RandomResize(CROP_PRE_SCALES),
+                           RandomSizeCrop(CROP_MIN_SIZE, CROP_MAX_SIZE), multi_scale])
+        return Compose([RandomHorizontalFlip(0.5), RandomSelect(multi_scale, cropped, p=0.5),
+                        normalize_transform()])
     if image_set == "val":
         return Compose([RandomResize([VAL_SCALE], max_size=TRAIN_MAX_SIZE), normalize_transform()])
     raise ValueError(f"unknown image_set {image_set!r}: expected 'train' or 'val'")
