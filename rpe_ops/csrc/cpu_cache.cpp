@@ -115,7 +115,17 @@ void cpu_cache_clear() {
   }
 }
 
+namespace {
+
+// cached_empty for Python callers: a contiguous CPU tensor of `size` and `dtype`.
+at::Tensor cached_empty_op(at::IntArrayRef size, at::ScalarType dtype) {
+  return cached_empty(size, at::TensorOptions().dtype(dtype).device(c10::DeviceType::CPU));
+}
+
+} // namespace
+
 TORCH_LIBRARY_FRAGMENT(rpe_ops, m) {
+  m.def("cached_empty(int[] size, ScalarType dtype) -> Tensor", &cached_empty_op);
   m.def("cpu_cache_stats() -> (int, int)", &cpu_cache_stats);
   m.def("cpu_cache_clear() -> ()", &cpu_cache_clear);
 }
