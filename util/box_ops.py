@@ -1,10 +1,6 @@
-"""Box conversions and overlaps under DETR's names; torchvision.ops computes them.
-
-Boxes are either (cx, cy, w, h) ("cxcywh") or (x0, y0, x1, y1) ("xyxy"), in the last dimension.
-"""
-import torch
+"""Box conversions and overlaps under DETR's names, by torchvision.ops; boxes (cx, cy, w, h)
+("cxcywh") or (x0, y0, x1, y1) ("xyxy") in the last dimension."""
 from torchvision import ops
-from torchvision.ops import box_area  # noqa: F401  (DETR's name: area of (N, 4) xyxy boxes)
 
 
 def box_cxcywh_to_xyxy(boxes):
@@ -13,16 +9,6 @@ def box_cxcywh_to_xyxy(boxes):
 
 def box_xyxy_to_cxcywh(boxes):
     return ops.box_convert(boxes, "xyxy", "cxcywh")
-
-
-def box_iou(boxes1, boxes2):
-    """Pairwise IoU of (N, 4) and (M, 4) xyxy boxes: returns (iou (N, M), union (N, M))."""
-    top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
-    bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    wh = (bottom_right - top_left).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter
-    return inter / union, union
 
 
 def generalized_box_iou(boxes1, boxes2):
