@@ -12,8 +12,7 @@ def capture_encoder_attention(model, layer=-1):
         'hw'       (h, w), the feature map the tokens were flattened from (row-major)
         'padding'  (B, h*w) True on padded positions, or None
 
-    The layer is asked for its weights (need_weights=True) by a pre-hook, so its code is left as it
-    is and its output does not change.
+    A pre-hook asks the layer for its weights (need_weights=True): its output does not change.
     """
     attention = model.transformer.encoder.layers[layer].self_attn
     signature = inspect.signature(attention.forward)
