@@ -1,11 +1,6 @@
-"""Train and evaluate DETR with iRPE in the encoder.
+"""Train and evaluate DETR with iRPE in the encoder (more commands in README.md and docs/).
 
     python main.py --coco_path /path/to/coco --enc_rpe2d rpe-2.0-product-ctx-1-k --output_dir out
-    python main.py --coco_path /path/to/coco --enc_rpe2d rpe-2.0-product-ctx-1-k --eval \
-        --resume rpe-2.0-product-ctx-1-k.pth
-    python main.py --dataset_file toy --output_dir toy_out ...   (see README.md)
-    python main.py --train_ann train.json --train_images train.zip --val_ann val.json \
-        --val_images val/ --finetune rpe-2.0-product-ctx-1-k.pth --enc_rpe2d rpe-2.0-product-ctx-1-k
 """
 import argparse
 import datetime
@@ -247,17 +242,13 @@ def main(args):
     if args.distributed:  # also makes every process start from the main process's weights
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)
-        model_without_ddp = model.module
     model = compile_model(model)  # --compile; model_without_ddp stays the module that is saved
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("number of trainable parameters: %d", n_parameters)
 
-    param_dicts = [
-        {"params": [p for n, p in model_without_ddp.named_parameters()
-                    if "backbone" not in n and p.requires_grad]},
-        {"params": [p for n, p in model_without_ddp.named_parameters()
-                    if "backbone" in n and p.requires_grad], "lr": args.lr_backbone},
-    ]
+    trainable = [(n, p) for n, p in model_without_ddp.named_parameters() if p.requires_grad]
+    param_dicts = [{"params": [p for n, p in trainable if "backbone" not in n]},
+                   {"params": [p for n, p in trainable if "backbone" in n], "lr": args.lr_backbone}]
     # the fused kernel computes the same update as the default loop, several times faster
     optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
@@ -304,8 +295,7 @@ def main(args):
             raise SystemExit(str(err)) from None
         lr_scheduler.step()
         log_skipped_images(dataset_train, "training")
-        # saved before evaluation, so a failure there does not lose the epoch's training (the
-        # random states saved are those the next epoch starts from: validate keeps them)
+        # saved before evaluation, so a failure there does not lose the epoch's training
         rng_states = utils.all_gather(get_rng_states(*generators))
         if output_dir and utils.is_main_process():
             save_checkpoint(output_dir, args, epoch, model_without_ddp, optimizer, lr_scheduler,
@@ -314,8 +304,7 @@ def main(args):
         if output_dir and utils.is_main_process():
             record_epoch(output_dir, epoch, train_stats, test_stats, coco_evaluator, n_parameters)
 
-    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
-    logger.info("training time %s", total_time)
+    logger.info("training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
     if output_dir and utils.is_main_process() and args.vis_images > 0:
         write_pictures(args, output_dir, model_without_ddp, postprocessors, dataset_val, base_ds,
                        device, curves=True)
@@ -349,7 +338,7 @@ def run_parsed(args):
         logger.error("the run failed", exc_info=True, extra={"file_only": True})
         raise
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()
 
 
