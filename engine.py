@@ -27,21 +27,16 @@ def _non_finite_message(loss, epoch, iteration, detail):
             f"--clip_max_norm > 0, and resume from the last checkpoint.")
 
 
-def as_floats(values):
-    """{name: tensor} -> {name: float}, read from the device in one transfer (one host sync)."""
-    if not values:
-        return {}
-    return dict(zip(values, torch.stack([v.detach().float().reshape(()) for v in values.values()])
-                    .tolist()))
-
-
 def logged_losses(loss_dict, weight_dict):
-    """(losses reduced over processes, {name: float} of their sum, weighted and unweighted)."""
+    """(losses reduced over processes, {name: float} of their sum, weighted and unweighted), the
+    floats read from the device in one transfer (one host sync)."""
     reduced = utils.reduce_dict(loss_dict)
     scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
     unscaled = {f"{k}_unscaled": v for k, v in reduced.items()}
-    return reduced, as_floats({"loss": sum(scaled.values()), **scaled, **unscaled,
-                               "class_error": reduced["class_error"]})
+    logged = {"loss": sum(scaled.values()), **scaled, **unscaled,
+              "class_error": reduced["class_error"]}
+    values = torch.stack([v.detach().float().reshape(()) for v in logged.values()]).tolist()
+    return reduced, dict(zip(logged, values))
 
 
 def predictions_are_finite(outputs):
@@ -57,9 +52,8 @@ def predictions_are_finite(outputs):
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0.0,
                     print_freq=10, amp_dtype=None, scaler=None):
-    """Train one pass over `data_loader` (clip to `max_norm` if > 0, autocast in `amp_dtype`, a
-    GradScaler `scaler` for float16); returns the averaged statistics. NonFiniteLossError before
-    the optimizer steps on non-finite predictions or loss."""
+    """Train one pass over `data_loader`; returns the averaged statistics. NonFiniteLossError
+    before the optimizer steps on non-finite predictions or loss."""
     model.train()
     criterion.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
@@ -112,9 +106,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
 @torch.no_grad()
 def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, output_dir=None,
              print_freq=10, coco_eval_backend="pycocotools", amp_dtype=None):
-    """(stats, coco_evaluator) over `data_loader`: the averaged losses, 'coco_eval_bbox' (the 12
-    COCOeval.stats), with a 'segm' postprocessor 'coco_eval_masks', with 'panoptic' 'PQ_all',
-    'PQ_th', 'PQ_st' ({'pq', 'sq', 'rq', 'n'}) and 'PQ_per_class'."""
+    """(stats, coco_evaluator): averaged losses, 'coco_eval_bbox' (COCOeval.stats) and with 'segm'
+    and 'panoptic' postprocessors 'coco_eval_masks', 'PQ_all', 'PQ_th', 'PQ_st', 'PQ_per_class'."""
     model.eval()
     criterion.eval()
     metric_logger = utils.MetricLogger(delimiter="  ")
