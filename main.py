@@ -67,9 +67,8 @@ def get_args_parser():
     parser.add_argument("--backbone", default="resnet50", type=str,
                         help="resnet18, resnet34, resnet50 or resnet101")
     parser.add_argument("--backbone_weights", default="imagenet", type=str,
-                        help="'imagenet' (torchvision's ImageNet weights, from the local cache or "
-                             "downloaded), 'none', or the path of a torchvision ResNet state dict. "
-                             "Not used with --resume or --eval")
+                        help="'imagenet' (torchvision's, cached or downloaded), 'none', or the "
+                             "path of a torchvision ResNet state dict; not with --resume or --eval")
     parser.add_argument("--dilation", action="store_true",
                         help="replace the stride of the last stage by a dilation (DC5)")
     parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"))
@@ -82,9 +81,8 @@ def get_args_parser():
     parser.add_argument("--num_queries", default=100, type=int)
     parser.add_argument("--pre_norm", action="store_true")
     parser.add_argument("--enc_rpe2d", default="", type=_rpe_setting,
-                        help="iRPE of the encoder self-attention, "
-                             "rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}, e.g. "
-                             "rpe-2.0-product-ctx-1-k; '' for none")
+                        help="iRPE of the encoder self-attention, rpe-{ratio}-{method}-{mode}-"
+                             "{shared_head}-{rpe_on}, e.g. rpe-2.0-product-ctx-1-k; '' for none")
     parser.add_argument("--num_classes", default=None, type=int,
                         help="classes + 1 of the classifier; default by dataset (coco 91)")
     parser.add_argument("--masks", action="store_true",
@@ -139,9 +137,8 @@ def get_args_parser():
 
     # COCO evaluation
     parser.add_argument("--coco_eval_backend", default="pycocotools", choices=COCO_EVAL_BACKENDS,
-                        help="library computing the COCO AP numbers: pycocotools, or "
-                             "faster_coco_eval (pip install faster-coco-eval; the same numbers, "
-                             "several times faster)")
+                        help="library of the COCO AP numbers: pycocotools, or faster_coco_eval "
+                             "(pip install faster-coco-eval: the same, several times faster)")
 
     # Failures
     parser.add_argument("--skip_bad_images", action="store_true",
@@ -162,14 +159,11 @@ def get_args_parser():
 
     # Mixed precision and torch.compile (docs/speed-and-gpu.md)
     parser.add_argument("--amp", action="store_true",
-                        help="run the model's forward under torch.autocast (losses, matcher and "
-                             "post-processing stay in float32)")
+                        help="the model's forward under torch.autocast (the rest in float32)")
     parser.add_argument("--amp_dtype", default="bfloat16", choices=tuple(amp.DTYPES),
-                        help="autocast dtype of --amp; float16 adds loss scaling (GradScaler, "
-                             "saved in the checkpoint)")
+                        help="autocast dtype of --amp; float16 adds loss scaling (GradScaler)")
     parser.add_argument("--compile", action="store_true",
-                        help="run the model through torch.compile (training and evaluation); "
-                             "the first steps at new image sizes compile, for minutes")
+                        help="torch.compile the model; new image sizes compile, for minutes")
 
     # Interruptions and restarts
     parser.add_argument("--auto_resume", action="store_true",

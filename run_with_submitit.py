@@ -57,8 +57,7 @@ class Trainer:
     def checkpoint(self):
         """Called by submitit on preemption or time-out: the requeued job continues the run."""
         import submitit
-        args = argparse.Namespace(**vars(self.args))
-        args.auto_resume = True
+        args = argparse.Namespace(**{**vars(self.args), "auto_resume": True})
         return submitit.helpers.DelayedSubmission(type(self)(args))
 
 
