@@ -34,15 +34,13 @@ class NestedTensor:
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "NestedTensor":
         mask = self.mask
-        if mask is not None:
-            mask = mask.to(device, non_blocking=non_blocking)
+        mask = None if mask is None else mask.to(device, non_blocking=non_blocking)
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
 
     def pin_memory(self) -> "NestedTensor":
         """In page-locked memory (DataLoader(pin_memory=True) calls it)."""
         mask = self.mask
-        if mask is not None:
-            mask = mask.pin_memory()
+        mask = None if mask is None else mask.pin_memory()
         return NestedTensor(self.tensors.pin_memory(), mask)
 
     def decompose(self) -> Tuple[Tensor, Optional[Tensor]]:
@@ -213,8 +211,7 @@ def distributed_env(local_rank_arg=None):
 
 
 def restart_store(world_size):
-    """Under torchrun, a key space of this restart in the agent's store, which it keeps for all
-    restarts (env:// could find and wait on dead workers of before), else None."""
+    """Under torchrun, this restart's key space in the agent's store (shared by all restarts)."""
     env = os.environ
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in env:
         return None
@@ -235,8 +232,7 @@ def num_nodes():
 
 
 def get_sha(path=None):
-    """"sha: ..., status: clean | has uncommitted changes, branch: ..." of the checkout holding
-    `path` (default: this repository; untracked files do not count); "N/A" without one."""
+    """"sha: ..., status: clean | has uncommitted changes, branch: ..." of `path`'s checkout."""
     cwd = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def git(*command):
