@@ -1,5 +1,4 @@
-"""Pictures of panoptic segmentations (segments in class colours, named inside), and the grid
-of OUTPUT_DIR/panoptic.png (image, ground truth, prediction)."""
+"""Pictures of panoptic segmentations, and OUTPUT_DIR/panoptic.png (image, truth, prediction)."""
 import io
 
 import numpy as np
@@ -54,15 +53,12 @@ def _label_point(mask):
         if not eroded.any():
             break
         current = eroded
-    ys, xs = torch.nonzero(current[0, 0], as_tuple=True)
-    middle = len(ys) // 2
-    order = torch.argsort(ys * mask.shape[1] + xs)
-    return int(xs[order[middle]]), int(ys[order[middle]])
+    ys, xs = torch.nonzero(current[0, 0], as_tuple=True)  # in row-major order
+    return int(xs[len(xs) // 2]), int(ys[len(ys) // 2])
 
 
 def draw_panoptic(image, ids, segments, class_names, size=256, alpha=0.6):
-    """uint8 (3, H, W) `image` scaled to a longer side of `size`, each of `segments` ([{'id',
-    'category_id'}] of the (H, W) `ids`) filled in its class colour and named (`class_names`)."""
+    """uint8 (3, H, W) `image` scaled to `size`, the `segments` of `ids` coloured and named."""
     image = scaled(image, size)[0]
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))[None, None].float()
     ids = F.interpolate(ids, size=tuple(image.shape[-2:]), mode="nearest")[0, 0].long()
