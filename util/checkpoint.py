@@ -1,5 +1,4 @@
-"""Checkpoints: safe loading (path or URL), atomic saving, random states, and readable messages
-for a checkpoint of another configuration."""
+"""Checkpoints: safe loading, atomic saving, random states, messages for one that does not fit."""
 import argparse
 import contextlib
 import logging
@@ -211,8 +210,7 @@ def _rpe_string(args):
 
 def check_compatible(model, checkpoint, args=None, name="the checkpoint"):
     """Raise CheckpointError naming what the file holds when its tensors do not fit `model`."""
-    state_dict = checkpoint["model"]
-    expected = model.state_dict()
+    state_dict, expected = checkpoint["model"], model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
@@ -256,9 +254,8 @@ def check_architecture(file_args, args):
 
 
 def load_for_finetuning(model, checkpoint, args=None):
-    """Load a checkpoint's weights but `class_embed` (and `query_embed` of another number of
-    queries) into `model`, to fine-tune it on other classes; every other tensor must fit.
-    Returns (names loaded, {re-initialised name: "model shape (file: file shape)"})."""
+    """A checkpoint's weights but the classifier (and other queries) into `model`; returns (names
+    loaded, {re-initialised name: "model shape (file: file shape)"})."""
     state_dict, own = checkpoint["model"], model.state_dict()
     fresh = [k for k in own if k.startswith("class_embed.")
              or (k == "query_embed.weight" and k in state_dict and state_dict[k].shape != own[k].shape)]

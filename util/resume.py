@@ -1,5 +1,4 @@
-"""Where a run starts (--resume, --auto_resume, --finetune, --frozen_weights), its checkpoint
-after each epoch, and what an interrupted run left on disk."""
+"""Where a run starts (--resume, --auto_resume, --finetune, --frozen_weights), and its saves."""
 import json
 import logging
 import math
@@ -15,8 +14,7 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_auto_resume(args):
-    """--auto_resume (on when torchrun restarted the workers): OUTPUT_DIR/checkpoint.pth, when it
-    exists, becomes --resume, over --resume and --finetune. The main process decides for all."""
+    """--auto_resume (on after torchrun restarts): OUTPUT_DIR/checkpoint.pth becomes --resume."""
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
     if restarts > 0 and not args.auto_resume:
         if not args.output_dir:
