@@ -1,5 +1,4 @@
-"""Mixed precision (--amp): the model's forward under torch.autocast, its outputs back in float32
-for the matcher, losses and post-processing; float16 (not bfloat16) needs a GradScaler."""
+"""Mixed precision (--amp): the model's forward under torch.autocast, its outputs in float32."""
 import warnings
 
 import torch

@@ -1,5 +1,4 @@
-"""Box conversions and overlaps under DETR's names, by torchvision.ops; boxes (cx, cy, w, h)
-("cxcywh") or (x0, y0, x1, y1) ("xyxy") in the last dimension."""
+"""Box conversions and overlaps under DETR's names, computed by torchvision.ops."""
 from torchvision import ops
 
 

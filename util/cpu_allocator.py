@@ -1,10 +1,8 @@
 """Freed memory kept for reuse on the CPU (main.py imports this; RPE_KEEP_FREED_MEMORY=0: not).
 
-With glibc's defaults every allocation over 32 MiB is a fresh mapping, returned when freed: each
-new (N, H, L, L) attention-sized tensor then costs some 14,000 page faults. keep_freed_memory()
-sets mallopt M_MMAP_MAX = 0 and M_TRIM_THRESHOLD = 2 GiB, so large blocks come from the heap and
-stay there for reuse (iRPE-on-k forward + backward at COCO size about twice as fast; resident
-memory stays near its peak). Elsewhere than Linux / glibc it does nothing.
+glibc maps each allocation over 32 MiB afresh and unmaps it when freed: each new attention-sized
+tensor costs some 14,000 page faults. mallopt M_MMAP_MAX = 0 and M_TRIM_THRESHOLD = 2 GiB keep
+such blocks in the heap for reuse (iRPE-on-k at COCO size about twice as fast). Linux / glibc only.
 """
 import ctypes
 import ctypes.util

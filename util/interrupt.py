@@ -1,5 +1,4 @@
-"""Stopping a run cleanly: SIGTERM and SIGINT become an exception, and signals that arrive while
-a checkpoint is being written wait until it is on disk."""
+"""Stopping a run cleanly: SIGTERM and SIGINT raise, and wait while a checkpoint is written."""
 import contextlib
 import signal
 import threading
@@ -24,8 +23,7 @@ def _raise_interrupted(signum, frame):
 
 @contextlib.contextmanager
 def stop_signals_raise():
-    """While the block runs, SIGTERM and SIGINT raise Interrupted where no other handler (e.g.
-    submitit's) claimed them; the handlers of before are back after the block."""
+    """While the block runs, SIGTERM and SIGINT raise Interrupted, unless others handle them."""
     installed = {}
     if threading.current_thread() is threading.main_thread():
         defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
@@ -41,8 +39,7 @@ def stop_signals_raise():
 
 @contextlib.contextmanager
 def signals_deferred(signums=STOP_SIGNALS):
-    """Hold back `signums` while the block runs (so a file it writes is whole), then deliver them
-    to the handlers of before. Only in the main thread; elsewhere the block runs as is."""
+    """Hold back `signums` while the block runs (in the main thread), then deliver them."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -66,8 +66,7 @@ def _column(records, key, path):
 
 
 def plot_logs(folders, out, names=None):
-    """Losses, class error and AP per epoch, a colour per folder (train solid, validation dashed),
-    saved to `out` (PNG), returned. Runs with masks add mask losses, mask AP and PQ (panoptic)."""
+    """Losses, class error and AP (mask AP, PQ) per epoch of `folders`, saved to `out`, returned."""
     folders = [Path(f) for f in folders]
     if not folders:
         raise ValueError("plot_logs needs at least one folder")

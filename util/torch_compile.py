@@ -1,8 +1,7 @@
 """--compile: the model through torch.compile, for training and evaluation.
 
-On CUDA dynamo makes the image size dynamic after the first recompile. On the CPU every size gets
-graphs of its own (dynamic=False): with torch 2.14.1 a recompiled dynamic-shape training graph gave
-backbone gradients 3% off the eager ones; past dynamo's recompile limit (8) sizes run eagerly.
+On the CPU every image size gets graphs of its own (dynamic=False): with torch 2.14.1 a recompiled
+dynamic-shape training graph gave backbone gradients 3% off the eager ones.
 """
 import functools
 import importlib.util

@@ -45,8 +45,7 @@ def denormalize(image):
 
 
 def draw_detections(image, boxes, labels, class_names, scores=None, size=256):
-    """uint8 (3, H, W) `image` scaled to a longer side of `size`, with `boxes` (xyxy, in its pixels)
-    in their class colours, labelled by `class_names` ({label: name}, else the number) and score."""
+    """uint8 (3, H, W) `image` scaled to `size`, `boxes` (xyxy) drawn, named and scored."""
     image, factor = scaled(image, size)
     if len(boxes) == 0:
         return image
@@ -120,8 +119,7 @@ def save_picture(picture, path):
 
 def write_run_pictures(output_dir, model, postprocessor, dataset, class_names, device, num_images=8,
                        curves=True, panoptic_postprocessor=None):
-    """OUTPUT_DIR/predictions.png, with `curves` curves.png (plot_logs) and with a
-    `panoptic_postprocessor` panoptic.png (panoptic_picture). Returns the paths written."""
+    """OUTPUT_DIR/predictions.png, curves.png and panoptic.png; returns the paths written."""
     from util.plot_utils import plot_logs
     written = [plot_logs([output_dir], os.path.join(output_dir, "curves.png"))] if curves else []
     picture = predictions_picture(model, postprocessor, dataset, class_names, device, num_images)
