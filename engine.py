@@ -27,22 +27,21 @@ def _non_finite_message(loss, epoch, iteration, detail):
             f"--clip_max_norm > 0, and resume from the last checkpoint.")
 
 
-def as_floats(values):
-    """{name: tensor} -> {name: float}, read from the device in one transfer: one host
-    synchronisation for all of them instead of one per value."""
-    if not values:
-        return {}
-    return dict(zip(values, torch.stack([v.detach().float().reshape(()) for v in values.values()])
-                    .tolist()))
+def logged_losses(loss_dict, weight_dict):
+    """(losses reduced over processes, {name: float} of their sum, weighted and unweighted), the
+    floats read from the device in one transfer (one host sync)."""
+    reduced = utils.reduce_dict(loss_dict)
+    scaled = {k: v * weight_dict[k] for k, v in reduced.items() if k in weight_dict}
+    unscaled = {f"{k}_unscaled": v for k, v in reduced.items()}
+    logged = {"loss": sum(scaled.values()), **scaled, **unscaled,
+              "class_error": reduced["class_error"]}
+    values = torch.stack([v.detach().float().reshape(()) for v in logged.values()]).tolist()
+    return reduced, dict(zip(logged, values))
 
 
 def predictions_are_finite(outputs):
-    """Whether every prediction (aux outputs included) is finite, on every process.
-
-    Checked before the loss: the Hungarian matcher (scipy) fails on non-finite costs with an
-    error that says nothing of divergence. Every process takes the same decision, so that none
-    is left waiting for the others.
-    """
+    """Whether every prediction (aux outputs included) is finite, on every process alike (before
+    the loss: scipy's matcher fails on non-finite costs with a message that hides divergence)."""
     layers = [outputs, *outputs.get("aux_outputs", [])]
     finite = torch.stack([torch.isfinite(layer[k]).all() for layer in layers
                           for k in ("pred_logits", "pred_boxes")]).all().float()
@@ -53,14 +52,8 @@ def predictions_are_finite(outputs):
 
 def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max_norm=0.0,
                     print_freq=10, amp_dtype=None, scaler=None):
-    """Train for one pass over `data_loader`; returns the epoch's averaged statistics.
-
-    Losses are reduced over processes for logging. Gradients are clipped to `max_norm` (if > 0).
-    Non-finite predictions (before the matcher) or a non-finite loss raise NonFiniteLossError
-    before the optimizer steps, on every process alike. amp_dtype: the model's forward runs under
-    autocast in that dtype (util.amp; the losses stay in float32); scaler: a torch.amp.GradScaler
-    (float16), which scales the loss and skips steps whose gradients overflowed.
-    """
+    """Train one pass over `data_loader`; returns the averaged statistics. NonFiniteLossError
+    before the optimizer steps on non-finite predictions or loss."""
     model.train()
     criterion.train()
     metric_logger = utils.MetricLogger(delimiter="  ")
@@ -69,8 +62,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
     header = f"Epoch: [{epoch}]"
 
     for iteration, (samples, targets) in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
-        # asynchronous from the loader's pinned memory on CUDA: the host does not wait here for
-        # the previous step's backward, but goes on to queue this step's forward
+        # asynchronous from pinned memory: the host queues this step's forward without waiting
         samples = samples.to(device, non_blocking=True)
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
 
@@ -82,13 +74,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
         weight_dict = criterion.weight_dict
         losses = sum(loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict)
 
-        # the reduced values are only for logging; read now, with the loss, in one transfer, so
-        # that nothing after the backward waits for the GPU
-        loss_dict_reduced = utils.reduce_dict(loss_dict)
-        unscaled = {f"{k}_unscaled": v for k, v in loss_dict_reduced.items()}
-        scaled = {k: v * weight_dict[k] for k, v in loss_dict_reduced.items() if k in weight_dict}
-        logged = as_floats({"loss": sum(scaled.values()), **scaled, **unscaled,
-                            "class_error": loss_dict_reduced["class_error"]})
+        # read now, with the loss, in one transfer: nothing after the backward waits for the GPU
+        loss_dict_reduced, logged = logged_losses(loss_dict, weight_dict)
         loss_value = logged["loss"]
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(_non_finite_message(
@@ -119,16 +106,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, device, epoch, max
 @torch.no_grad()
 def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, output_dir=None,
              print_freq=10, coco_eval_backend="pycocotools", amp_dtype=None):
-    """Losses and COCO box AP over `data_loader` (mask AP and panoptic quality with the 'segm'
-    and 'panoptic' postprocessors).
-
-    Returns (stats, coco_evaluator): stats holds the averaged losses and 'coco_eval_bbox', the 12
-    COCO numbers (AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl); likewise
-    'coco_eval_masks' with 'segm'; with 'panoptic', 'PQ_all', 'PQ_th', 'PQ_st' ({'pq', 'sq', 'rq',
-    'n'}) and 'PQ_per_class'. `coco_eval_backend` is the library that computes the COCO numbers
-    ('pycocotools' or 'faster_coco_eval', see datasets/coco_eval_backends.py). amp_dtype: the
-    model runs under autocast in that dtype (the losses and the post-processing in float32).
-    """
+    """(stats, coco_evaluator): averaged losses, 'coco_eval_bbox' (COCOeval.stats) and with 'segm'
+    and 'panoptic' postprocessors 'coco_eval_masks', 'PQ_all', 'PQ_th', 'PQ_st', 'PQ_per_class'."""
     model.eval()
     criterion.eval()
     metric_logger = utils.MetricLogger(delimiter="  ")
@@ -147,14 +126,7 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
             raise NonFiniteLossError("the model's predictions are not finite in evaluation: its "
                                      "weights are broken (a diverged run?); evaluate another "
                                      "checkpoint")
-        loss_dict = criterion(outputs, targets)
-        weight_dict = criterion.weight_dict
-
-        loss_dict_reduced = utils.reduce_dict(loss_dict)
-        scaled = {k: v * weight_dict[k] for k, v in loss_dict_reduced.items() if k in weight_dict}
-        unscaled = {f"{k}_unscaled": v for k, v in loss_dict_reduced.items()}
-        metric_logger.update(**as_floats({"loss": sum(scaled.values()), **scaled, **unscaled,
-                                          "class_error": loss_dict_reduced["class_error"]}))
+        metric_logger.update(**logged_losses(criterion(outputs, targets), criterion.weight_dict)[1])
 
         orig_target_sizes = torch.stack([t["orig_size"] for t in targets], dim=0)
         target_sizes = torch.stack([t["size"] for t in targets], dim=0)
@@ -188,9 +160,7 @@ def evaluate(model, criterion, postprocessors, data_loader, base_ds, device, out
 
 def validate(model, criterion, postprocessors, data_loader, base_ds, device, args, amp_dtype,
              generators=()):
-    """evaluate() as main.py runs it after each epoch, with the random states of this process and
-    of `generators` handed back as they were, so that the next epoch starts from those its
-    checkpoint saved (with --num_workers 0 the transforms draw from Python's random here)."""
+    """evaluate() as main.py runs it, the random states (and `generators`') kept as they were."""
     with rng_states_kept(*generators, data_loader.generator):
         result = evaluate(model, criterion, postprocessors, data_loader, base_ds, device,
                           print_freq=args.print_freq, coco_eval_backend=args.coco_eval_backend,
@@ -210,8 +180,7 @@ def log_skipped_images(dataset, name):
 
 
 def save_evaluation(stats, coco_evaluator, bbox_path, panoptic_path):
-    """pycocotools' COCOeval.eval of the boxes, and PQ, SQ, RQ (all, things, stuff, per class) as
-    json when the evaluation computed them."""
+    """COCOeval.eval of the boxes, and the panoptic quality as json where it was computed."""
     save_atomic(coco_evaluator.coco_eval["bbox"].eval, bbox_path)
     if "PQ_all" in stats:
         tmp = panoptic_path.with_name(panoptic_path.name + ".tmp")
@@ -234,8 +203,7 @@ def record_epoch(output_dir, epoch, train_stats, test_stats, coco_evaluator, n_p
 
 
 def write_pictures(args, output_dir, model, postprocessors, dataset, coco_api, device, curves):
-    """The end-of-run pictures (util.visualize.write_run_pictures); a failure is logged, not raised:
-    the run's results are saved by then."""
+    """The end-of-run pictures (util.visualize.write_run_pictures); a failure is only logged."""
     # the data's own names (panoptic data: stuff too), else those of the box ground truth
     class_names = (getattr(args, "category_names", None)
                    or {i: category["name"] for i, category in coco_api.cats.items()})

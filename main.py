@@ -1,11 +1,6 @@
-"""Train and evaluate DETR with iRPE in the encoder.
+"""Train and evaluate DETR with iRPE in the encoder (more commands in README.md and docs/).
 
     python main.py --coco_path /path/to/coco --enc_rpe2d rpe-2.0-product-ctx-1-k --output_dir out
-    python main.py --coco_path /path/to/coco --enc_rpe2d rpe-2.0-product-ctx-1-k --eval \
-        --resume rpe-2.0-product-ctx-1-k.pth
-    python main.py --dataset_file toy --output_dir toy_out ...   (see README.md)
-    python main.py --train_ann train.json --train_images train.zip --val_ann val.json \
-        --val_images val/ --finetune rpe-2.0-product-ctx-1-k.pth --enc_rpe2d rpe-2.0-product-ctx-1-k
 """
 import argparse
 import datetime
@@ -72,9 +67,8 @@ def get_args_parser():
     parser.add_argument("--backbone", default="resnet50", type=str,
                         help="resnet18, resnet34, resnet50 or resnet101")
     parser.add_argument("--backbone_weights", default="imagenet", type=str,
-                        help="'imagenet' (torchvision's ImageNet weights, from the local cache or "
-                             "downloaded), 'none', or the path of a torchvision ResNet state dict. "
-                             "Not used with --resume or --eval")
+                        help="'imagenet' (torchvision's, cached or downloaded), 'none', or the "
+                             "path of a torchvision ResNet state dict; not with --resume or --eval")
     parser.add_argument("--dilation", action="store_true",
                         help="replace the stride of the last stage by a dilation (DC5)")
     parser.add_argument("--position_embedding", default="sine", type=str, choices=("sine", "learned"))
@@ -87,9 +81,8 @@ def get_args_parser():
     parser.add_argument("--num_queries", default=100, type=int)
     parser.add_argument("--pre_norm", action="store_true")
     parser.add_argument("--enc_rpe2d", default="", type=_rpe_setting,
-                        help="iRPE of the encoder self-attention, "
-                             "rpe-{ratio}-{method}-{mode}-{shared_head}-{rpe_on}, e.g. "
-                             "rpe-2.0-product-ctx-1-k; '' for none")
+                        help="iRPE of the encoder self-attention, rpe-{ratio}-{method}-{mode}-"
+                             "{shared_head}-{rpe_on}, e.g. rpe-2.0-product-ctx-1-k; '' for none")
     parser.add_argument("--num_classes", default=None, type=int,
                         help="classes + 1 of the classifier; default by dataset (coco 91)")
     parser.add_argument("--masks", action="store_true",
@@ -144,9 +137,8 @@ def get_args_parser():
 
     # COCO evaluation
     parser.add_argument("--coco_eval_backend", default="pycocotools", choices=COCO_EVAL_BACKENDS,
-                        help="library computing the COCO AP numbers: pycocotools, or "
-                             "faster_coco_eval (pip install faster-coco-eval; the same numbers, "
-                             "several times faster)")
+                        help="library of the COCO AP numbers: pycocotools, or faster_coco_eval "
+                             "(pip install faster-coco-eval: the same, several times faster)")
 
     # Failures
     parser.add_argument("--skip_bad_images", action="store_true",
@@ -167,14 +159,11 @@ def get_args_parser():
 
     # Mixed precision and torch.compile (docs/speed-and-gpu.md)
     parser.add_argument("--amp", action="store_true",
-                        help="run the model's forward under torch.autocast (losses, matcher and "
-                             "post-processing stay in float32)")
+                        help="the model's forward under torch.autocast (the rest in float32)")
     parser.add_argument("--amp_dtype", default="bfloat16", choices=tuple(amp.DTYPES),
-                        help="autocast dtype of --amp; float16 adds loss scaling (GradScaler, "
-                             "saved in the checkpoint)")
+                        help="autocast dtype of --amp; float16 adds loss scaling (GradScaler)")
     parser.add_argument("--compile", action="store_true",
-                        help="run the model through torch.compile (training and evaluation); "
-                             "the first steps at new image sizes compile, for minutes")
+                        help="torch.compile the model; new image sizes compile, for minutes")
 
     # Interruptions and restarts
     parser.add_argument("--auto_resume", action="store_true",
@@ -247,17 +236,13 @@ def main(args):
     if args.distributed:  # also makes every process start from the main process's weights
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)
-        model_without_ddp = model.module
     model = compile_model(model)  # --compile; model_without_ddp stays the module that is saved
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("number of trainable parameters: %d", n_parameters)
 
-    param_dicts = [
-        {"params": [p for n, p in model_without_ddp.named_parameters()
-                    if "backbone" not in n and p.requires_grad]},
-        {"params": [p for n, p in model_without_ddp.named_parameters()
-                    if "backbone" in n and p.requires_grad], "lr": args.lr_backbone},
-    ]
+    trainable = [(n, p) for n, p in model_without_ddp.named_parameters() if p.requires_grad]
+    param_dicts = [{"params": [p for n, p in trainable if "backbone" not in n]},
+                   {"params": [p for n, p in trainable if "backbone" in n], "lr": args.lr_backbone}]
     # the fused kernel computes the same update as the default loop, several times faster
     optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=args.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
@@ -304,8 +289,7 @@ def main(args):
             raise SystemExit(str(err)) from None
         lr_scheduler.step()
         log_skipped_images(dataset_train, "training")
-        # saved before evaluation, so a failure there does not lose the epoch's training (the
-        # random states saved are those the next epoch starts from: validate keeps them)
+        # saved before evaluation, so a failure there does not lose the epoch's training
         rng_states = utils.all_gather(get_rng_states(*generators))
         if output_dir and utils.is_main_process():
             save_checkpoint(output_dir, args, epoch, model_without_ddp, optimizer, lr_scheduler,
@@ -314,8 +298,7 @@ def main(args):
         if output_dir and utils.is_main_process():
             record_epoch(output_dir, epoch, train_stats, test_stats, coco_evaluator, n_parameters)
 
-    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
-    logger.info("training time %s", total_time)
+    logger.info("training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
     if output_dir and utils.is_main_process() and args.vis_images > 0:
         write_pictures(args, output_dir, model_without_ddp, postprocessors, dataset_val, base_ds,
                        device, curves=True)
@@ -349,7 +332,7 @@ def run_parsed(args):
         logger.error("the run failed", exc_info=True, extra={"file_only": True})
         raise
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()
 
 

@@ -1,13 +1,7 @@
-"""Train or evaluate on Slurm through submitit; a preempted or timed-out job requeues itself.
+"""Train or evaluate on Slurm through submitit (docs/distributed.md), with main.py's options; a
+preempted or timed-out job requeues itself with --auto_resume.
 
-    python run_with_submitit.py --nodes 2 --ngpus 8 --timeout 4320 --partition PART \
-        --job_dir /shared/detr_runs/rpe --coco_path /shared/coco --enc_rpe2d rpe-2.0-product-ctx-1-k
-    python run_with_submitit.py --local --ngpus 0 ...   (the same on this machine, for a try-out)
-
-Every option of main.py is passed through. The job writes into --job_dir (the --output_dir of
-main.py unless given), which all nodes must see. Shortly before a time-out, or when Slurm
-preempts the job, submitit calls `Trainer.checkpoint`: the job is requeued with --auto_resume and
-continues from the last finished epoch's checkpoint.
+    python run_with_submitit.py --nodes 2 --ngpus 8 --partition PART --job_dir /shared/run ...
 """
 import argparse
 import os
@@ -63,8 +57,7 @@ class Trainer:
     def checkpoint(self):
         """Called by submitit on preemption or time-out: the requeued job continues the run."""
         import submitit
-        args = argparse.Namespace(**vars(self.args))
-        args.auto_resume = True
+        args = argparse.Namespace(**{**vars(self.args), "auto_resume": True})
         return submitit.helpers.DelayedSubmission(type(self)(args))
 
 

@@ -250,6 +250,10 @@ def test_generalized_box_iou_by_hand():
     torch.testing.assert_close(box_ops.generalized_box_iou(a, b), expected)
     with pytest.raises(ValueError, match="x1 >= x0"):
         box_ops.generalized_box_iou(a, torch.tensor([[2.0, 0.0, 1.0, 1.0]]))
+    # DETR's box_iou, by hand on the same boxes: (iou, union)
+    iou, union = box_ops.box_iou(a, b)
+    torch.testing.assert_close(iou, torch.tensor([[1.0, 0.0, 1 / 7]]))
+    torch.testing.assert_close(union, torch.tensor([[4.0, 5.0, 7.0]]))
 
 
 def test_sine_position_embedding_by_formula():

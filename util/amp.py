@@ -1,20 +1,14 @@
-"""Mixed precision (--amp): the autocast region of the model, float32 outside it, and the gradient
-scaler that float16 needs.
-
-The model's forward runs under torch.autocast; its outputs are cast back to float32 before the
-matcher, the losses and the post-processing, which therefore see the same dtypes as without
---amp. bfloat16 has float32's range and needs no loss scaling; float16 does (GradScaler).
-"""
+"""Mixed precision (--amp): the model's forward under torch.autocast, its outputs in float32."""
 import warnings
 
 import torch
+import torch.utils._pytree as pytree
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def check_supported(device_type, dtype):
-    """Raise ValueError with one line saying what to pass instead when autocast cannot run `dtype`
-    on `device_type` here."""
+    """Raise ValueError saying what to pass instead when autocast cannot run `dtype` here."""
     name = str(dtype).replace("torch.", "")
     if not torch.amp.is_autocast_available(device_type):
         raise ValueError(f"--amp: autocast is not available on device type '{device_type}'; "
@@ -35,20 +29,13 @@ def check_supported(device_type, dtype):
 
 
 def to_float32(outputs):
-    """The model's outputs (tensors in dicts and lists, e.g. aux_outputs) with every floating
-    tensor in float32; everything else as it is."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs.float() if outputs.is_floating_point() else outputs
-    if isinstance(outputs, dict):
-        return {k: to_float32(v) for k, v in outputs.items()}
-    if isinstance(outputs, (list, tuple)):
-        return type(outputs)(to_float32(v) for v in outputs)
-    return outputs
+    """The model's outputs (nested dicts and lists) with every floating tensor in float32."""
+    return pytree.tree_map_only(torch.Tensor, lambda t: t.float() if t.is_floating_point() else t,
+                                outputs)
 
 
 def forward(model, samples, device, dtype=None):
-    """model(samples) under autocast on `device` in `dtype` (None: no autocast), outputs in
-    float32."""
+    """model(samples) under autocast in `dtype` (None: none), outputs in float32."""
     if dtype is None:
         return model(samples)
     with torch.autocast(torch.device(device).type, dtype=dtype):

@@ -12,9 +12,9 @@ def capture_encoder_attention(model, layer=-1):
         'hw'       (h, w), the feature map the tokens were flattened from (row-major)
         'padding'  (B, h*w) True on padded positions, or None
 
-    The layer is asked for its weights (need_weights=True) by a pre-hook, so its code is left as it
-    is; its output changes by float rounding at most (on the CPU, inference without weights takes
-    PyTorch's SDPA, with weights the fused kernel).
+    A pre-hook asks the layer for its weights (need_weights=True): its output changes by float
+    rounding at most (CPU inference without weights takes PyTorch's SDPA, with them the fused
+    kernel).
     """
     attention = model.transformer.encoder.layers[layer].self_attn
     signature = inspect.signature(attention.forward)

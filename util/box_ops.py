@@ -1,7 +1,4 @@
-"""Box conversions and overlaps under DETR's names; torchvision.ops computes them.
-
-Boxes are either (cx, cy, w, h) ("cxcywh") or (x0, y0, x1, y1) ("xyxy"), in the last dimension.
-"""
+"""Box conversions and overlaps under DETR's names, computed by torchvision.ops."""
 import torch
 from torchvision import ops
 from torchvision.ops import box_area  # noqa: F401  (DETR's name: area of (N, 4) xyxy boxes)
@@ -16,7 +13,7 @@ def box_xyxy_to_cxcywh(boxes):
 
 
 def box_iou(boxes1, boxes2):
-    """Pairwise IoU of (N, 4) and (M, 4) xyxy boxes: returns (iou (N, M), union (N, M))."""
+    """Pairwise IoU of (N, 4) and (M, 4) xyxy boxes, as DETR returns it: (iou, union), (N, M)."""
     top_left = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
     bottom_right = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
     wh = (bottom_right - top_left).clamp(min=0)

@@ -1,5 +1,4 @@
-"""Checkpoints: safe loading (local path or URL), atomic saving, random states, and telling a
-checkpoint of another configuration apart with a readable message."""
+"""Checkpoints: safe loading, atomic saving, random states, messages for one that does not fit."""
 import argparse
 import contextlib
 import logging
@@ -23,9 +22,6 @@ logger = logging.getLogger(__name__)
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read, or does not fit the model."""
 
-
-# ----------------------------------------------------------------------------------------------
-# Loading and saving
 
 def _is_url(path):
     return urllib.parse.urlparse(str(path)).scheme in ("http", "https")
@@ -53,11 +49,7 @@ def cached_download(url):
 
 
 def load_checkpoint(path_or_url):
-    """Load a checkpoint file safely: tensors, plain containers and argparse.Namespace only.
-
-    Accepts a path or an http(s) URL (downloaded once into torch's hub cache). Returns a dict with
-    at least 'model' (a bare state_dict is wrapped as {'model': state_dict}).
-    """
+    """Load a checkpoint (path or http(s) URL) safely as a dict with at least 'model'."""
     path = cached_download(path_or_url) if _is_url(path_or_url) else str(path_or_url)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -77,12 +69,7 @@ def load_checkpoint(path_or_url):
 
 
 def save_atomic(obj, path, *args, **kwargs):
-    """torch.save(obj, ..., *args, **kwargs) to a temporary file beside `path`, then rename it
-    over `path`.
-
-    A crash while saving leaves the previous file as it was; SIGTERM, SIGINT and the Slurm
-    signals that arrive meanwhile take effect once the new file is in place.
-    """
+    """torch.save(obj, ...) to a temporary file renamed over `path`, stop signals held back."""
     path = str(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -97,9 +84,6 @@ def save_atomic(obj, path, *args, **kwargs):
             os.remove(tmp)
 
 
-# ----------------------------------------------------------------------------------------------
-# Random states
-
 def _to_bytes(state):
     return state.numpy().tobytes()
 
@@ -109,11 +93,7 @@ def _from_bytes(data):
 
 
 def get_rng_states(*generators):
-    """The random states of this process: torch (CPU, CUDA), numpy, python and the generators.
-
-    Plain Python values (bytes, ints, tuples), so they pickle anywhere and load with
-    weights_only=True.
-    """
+    """The random states of torch, CUDA, numpy, python and `generators`, in plain Python values."""
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     return {
         "torch": _to_bytes(torch.get_rng_state()),
@@ -128,8 +108,7 @@ def set_rng_states(states, *generators):
     """Restore what get_rng_states returned (the same generators, in the same order)."""
     torch.set_rng_state(_from_bytes(states["torch"]))
     if states["cuda"] and torch.cuda.is_available():
-        # a process may see fewer GPUs than the one that saved (CUDA_VISIBLE_DEVICES, another
-        # machine): restore those it has; the others' states have no device to go to
+        # a process may see fewer GPUs than the one that saved: restore those it has
         visible = torch.cuda.device_count()
         if len(states["cuda"]) > visible:
             logger.info("the checkpoint holds the random states of %d GPUs, this process sees %d: "
@@ -146,8 +125,7 @@ def set_rng_states(states, *generators):
 
 @contextlib.contextmanager
 def rng_states_kept(*generators):
-    """Every random state of get_rng_states (and `generators`) is back as before once the block
-    ends, whatever the block drew: what comes after it draws as if the block had not run."""
+    """Every random state of get_rng_states(*generators) is back as before once the block ends."""
     states = get_rng_states(*generators)
     try:
         yield
@@ -155,25 +133,13 @@ def rng_states_kept(*generators):
         set_rng_states(states, *generators)
 
 
-# ----------------------------------------------------------------------------------------------
-# What a checkpoint was trained with
-
 # The model zoo's settings (SPEC.md), named when a file's tables fit one of them.
 MODEL_ZOO_RPE = ("rpe-1.9-product-ctx-1-k", "rpe-2.0-product-ctx-1-k")
 
 
-def _ratio_range(beta_int):
-    """The ratios r with int(2 * r) = beta_int: the table sizes do not tell them apart."""
-    return f"[{beta_int / 2:g}, {(beta_int + 1) / 2:g})"
-
-
 def _rpe_description(state_dict):
-    """Describe the encoder iRPE tables of a state_dict in --enc_rpe2d terms.
-
-    Tensor shapes give the number of buckets, not the ratio (every ratio with the same int(2 *
-    ratio) has the same tables but other bucket ids), nor euc from quant: the description names
-    every setting that fits, never one guessed value, and the model-zoo setting when it fits.
-    """
+    """The encoder iRPE tables of a state_dict in --enc_rpe2d terms: every setting that fits (the
+    shapes tell neither the ratio within an int(2 * ratio) nor euc from quant), the zoo's first."""
     tables = {k: v for k, v in state_dict.items()
               if k.startswith("transformer.encoder.layers.0.self_attn.rpe_")}
     if not tables:
@@ -195,18 +161,17 @@ def _rpe_description(state_dict):
             candidates.append(("product", (side - 1) // 2))
         if buckets % 2 == 1 and buckets > 1:
             candidates += [("euc", (buckets - 1) // 2), ("quant", (buckets - 1) // 2)]
-    fits = [f"rpe-{{ratio}}-{method}-{mode}-{shared}-{on} with ratio in {_ratio_range(beta_int)}"
-            for method, beta_int in candidates]
+    # the ratios r of int(2 * r) = beta_int, which the table sizes do not tell apart
+    fits = [f"rpe-{{ratio}}-{method}-{mode}-{shared}-{on} with ratio in "
+            f"[{beta_int / 2:g}, {(beta_int + 1) / 2:g})" for method, beta_int in candidates]
     zoo = [s for s in MODEL_ZOO_RPE if any(
         s.split("-")[2:] == [method, mode, shared, on] and int(2 * float(s.split("-")[1])) == b
         for method, b in candidates)]
-    text = (f"iRPE tables of {buckets} buckets, mode {mode}, shared_head {shared}, on {on}: "
-            f"the file does not record the ratio")
+    text = f"iRPE tables of {buckets} buckets, mode {mode}, shared_head {shared}, on {on}: "
     if not fits:
-        return text.replace("the file does not record the ratio", "no --enc_rpe2d setting has "
-                            "tables of these shapes")
-    text += (" (or the method); any of " if len(fits) > 1 else "; any of ") + " or ".join(fits)
-    text += " gives these shapes"
+        return text + "no --enc_rpe2d setting has tables of these shapes"
+    text += "the file does not record the ratio" + (" (or the method)" if len(fits) > 1 else "")
+    text += "; any of " + " or ".join(fits) + " gives these shapes"
     if zoo:
         text += f"; the model zoo's is --enc_rpe2d {zoo[0]}"
     return text
@@ -244,14 +209,8 @@ def _rpe_string(args):
 
 
 def check_compatible(model, checkpoint, args=None, name="the checkpoint"):
-    """Raise CheckpointError naming what the file holds when its model tensors do not fit `model`.
-
-    `args` are the options the model was built from; the file's own 'args', when present, give
-    its --enc_rpe2d string, else that is described from its tables (and a file without 'args'
-    but with iRPE tables is loaded with a logged warning: its ratio cannot be checked).
-    """
-    state_dict = checkpoint["model"]
-    expected = model.state_dict()
+    """Raise CheckpointError naming what the file holds when its tensors do not fit `model`."""
+    state_dict, expected = checkpoint["model"], model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
@@ -276,19 +235,13 @@ def check_compatible(model, checkpoint, args=None, name="the checkpoint"):
                           f"configuration.")
 
 
-# ----------------------------------------------------------------------------------------------
-# Fine-tuning: a checkpoint of another class count (or number of queries)
-
 # options that change what a state_dict's tensors mean without always changing their shapes
 ARCHITECTURE_OPTIONS = ("backbone", "dilation", "position_embedding", "hidden_dim", "nheads",
                         "enc_layers", "dec_layers", "dim_feedforward", "pre_norm", "enc_rpe2d")
 
 
 def check_architecture(file_args, args):
-    """Raise CheckpointError when the file's recorded architecture options differ from `args`'.
-
-    Only options that both record are compared (files without args are judged by their tensors).
-    """
+    """Raise CheckpointError when architecture options that both record differ."""
     if not isinstance(file_args, argparse.Namespace) or not isinstance(args, argparse.Namespace):
         return
     theirs, ours = vars(file_args), vars(args)
@@ -301,15 +254,8 @@ def check_architecture(file_args, args):
 
 
 def load_for_finetuning(model, checkpoint, args=None):
-    """Load a checkpoint's weights into `model` to fine-tune it on other classes.
-
-    The classifier (`class_embed`) always keeps `model`'s fresh initialisation: its outputs are the
-    new data's classes. So does `query_embed` when the number of queries differs. Every other
-    tensor is loaded and must fit (else check_compatible's message), and the file's recorded
-    architecture must equal `args` (check_architecture). No optimizer or epoch state is used.
-
-    Returns (names loaded, {re-initialised name: "model shape, file shape"}).
-    """
+    """A checkpoint's weights but the classifier (and other queries) into `model`; returns (names
+    loaded, {re-initialised name: "model shape (file: file shape)"})."""
     state_dict, own = checkpoint["model"], model.state_dict()
     fresh = [k for k in own if k.startswith("class_embed.")
              or (k == "query_embed.weight" and k in state_dict and state_dict[k].shape != own[k].shape)]

@@ -1,14 +1,8 @@
-"""Freed memory kept for reuse on the CPU, for the training and evaluation entry points.
+"""Freed memory kept for reuse on the CPU (main.py imports this; RPE_KEEP_FREED_MEMORY=0: not).
 
-With glibc's default settings every allocation of more than 32 MiB is a fresh memory mapping,
-returned to the system when freed: each new (N, H, L, L) attention-sized tensor (58 MB at COCO size)
-then costs some 14,000 page faults, and its first write costs more than the work done on it. Training
-allocates such tensors many times per step. keep_freed_memory() tells glibc's malloc to take large
-blocks from its heap and to keep freed memory there (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD =
-2 GiB), so that after the first step they are reused without faults (the iRPE-on-k module's forward +
-backward at COCO size runs about twice as fast). The process's resident memory then stays near its
-peak instead of shrinking between steps. main.py calls it at import, unless the environment variable
-RPE_KEEP_FREED_MEMORY is 0; elsewhere (not Linux / glibc) it does nothing.
+glibc maps each allocation over 32 MiB afresh and unmaps it when freed: each new attention-sized
+tensor costs some 14,000 page faults. mallopt M_MMAP_MAX = 0 and M_TRIM_THRESHOLD = 2 GiB keep
+such blocks in the heap for reuse (iRPE-on-k at COCO size about twice as fast). Linux / glibc only.
 """
 import ctypes
 import ctypes.util

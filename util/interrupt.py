@@ -1,21 +1,16 @@
-"""Stopping a run cleanly: SIGTERM and SIGINT become an exception, and signals that arrive while
-a checkpoint is being written wait until it is on disk."""
+"""Stopping a run cleanly: SIGTERM and SIGINT raise, and wait while a checkpoint is written."""
 import contextlib
 import signal
 import threading
 
-# what a scheduler or a user sends to stop or preempt a run (SIGUSR1/2: Slurm's and submitit's
-# warning before a time-out or a preemption)
+# what stops or preempts a run (SIGUSR1/2: Slurm's and submitit's warning before a time-out)
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2")
                      if hasattr(signal, name))
 
 
 class Interrupted(KeyboardInterrupt):
-    """The process received SIGTERM or SIGINT.
-
-    A KeyboardInterrupt, so that no `except Exception` swallows it and DataLoader workers that get
-    the same signal end quietly.
-    """
+    """The process received SIGTERM or SIGINT (a KeyboardInterrupt: no `except Exception` takes it,
+    and DataLoader workers that get the same signal end quietly)."""
 
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)
@@ -28,11 +23,7 @@ def _raise_interrupted(signum, frame):
 
 @contextlib.contextmanager
 def stop_signals_raise():
-    """While the block runs, SIGTERM and SIGINT raise Interrupted where nobody else claimed them.
-
-    A wrapper that installed its own handlers keeps them (submitit bypasses SIGTERM and
-    checkpoints on SIGUSR2). The handlers of before are back after the block.
-    """
+    """While the block runs, SIGTERM and SIGINT raise Interrupted, unless others handle them."""
     installed = {}
     if threading.current_thread() is threading.main_thread():
         defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
@@ -48,12 +39,7 @@ def stop_signals_raise():
 
 @contextlib.contextmanager
 def signals_deferred(signums=STOP_SIGNALS):
-    """Hold back `signums` while the block runs, then deliver them to the handlers of before.
-
-    Whatever those handlers do (raise Interrupted, requeue a Slurm job, terminate), they do it
-    after the block, so a file the block writes is whole. Only the main thread can do this;
-    elsewhere the block runs as is.
-    """
+    """Hold back `signums` while the block runs (in the main thread), then deliver them."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

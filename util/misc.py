@@ -20,21 +20,13 @@ from util.checkpoint import save_atomic
 
 logger = logging.getLogger(__name__)
 
-# the normalisation of the images the model sees (datasets/transforms.py applies it, pictures of
-# the inputs undo it)
+# the normalisation of the model's images (datasets/transforms.py applies it, pictures undo it)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-# ----------------------------------------------------------------------------------------------
-# Batching
-
 class NestedTensor:
-    """A padded batch of images `tensors` (B, C, H, W) with `mask` (B, H, W), True on padding.
-
-    Scriptable (a TorchScript class) and a pytree node, so that `torch.export` and the ONNX
-    exporter take it as a model input: it flattens to (tensors, mask).
-    """
+    """Images `tensors` (B, C, H, W) and `mask` (B, H, W), True on padding; a pytree node."""
 
     def __init__(self, tensors: Tensor, mask: Optional[Tensor]):
         self.tensors = tensors
@@ -42,16 +34,13 @@ class NestedTensor:
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "NestedTensor":
         mask = self.mask
-        if mask is not None:
-            mask = mask.to(device, non_blocking=non_blocking)
+        mask = None if mask is None else mask.to(device, non_blocking=non_blocking)
         return NestedTensor(self.tensors.to(device, non_blocking=non_blocking), mask)
 
     def pin_memory(self) -> "NestedTensor":
-        """In page-locked memory (what DataLoader(pin_memory=True) calls), so that .to(cuda,
-        non_blocking=True) copies without waiting for the GPU."""
+        """In page-locked memory (DataLoader(pin_memory=True) calls it)."""
         mask = self.mask
-        if mask is not None:
-            mask = mask.pin_memory()
+        mask = None if mask is None else mask.pin_memory()
         return NestedTensor(self.tensors.pin_memory(), mask)
 
     def decompose(self) -> Tuple[Tensor, Optional[Tensor]]:
@@ -73,11 +62,7 @@ torch.serialization.add_safe_globals([NestedTensor])
 
 
 def nested_tensor_from_tensor_list(tensor_list: Union[Tensor, List[Tensor]]) -> NestedTensor:
-    """Pad a list of (C, H_i, W_i) images bottom/right to their largest H and W.
-
-    Returns a NestedTensor whose mask is True on the padded pixels. A (B, C, H, W) tensor is a
-    batch without padding: its mask is all False.
-    """
+    """Pad (C, H_i, W_i) images bottom/right to the largest H and W; a (B, C, H, W) batch as is."""
     if isinstance(tensor_list, Tensor):
         if tensor_list.dim() != 4:
             raise ValueError(f"expected a batch of images (B, C, H, W) or a list of (C, H, W) "
@@ -104,8 +89,7 @@ def nested_tensor_from_tensor_list(tensor_list: Union[Tensor, List[Tensor]]) -> 
 def interpolate(input: Tensor, size: Optional[List[int]] = None,
                 scale_factor: Optional[float] = None, mode: str = "nearest",
                 align_corners: Optional[bool] = None) -> Tensor:
-    """F.interpolate under DETR's name and signature. DETR needed its own for empty batches, which
-    F.interpolate now handles itself."""
+    """F.interpolate under DETR's name and signature (F.interpolate now takes empty batches)."""
     return F.interpolate(input, size, scale_factor, mode, align_corners)
 
 
@@ -115,10 +99,7 @@ def pad_masks(masks, height, width):
 
 
 def collate_fn(batch):
-    """DataLoader collate: a list of (image, target) pairs -> (NestedTensor, tuple of targets).
-
-    Target 'masks' (segmentation) are padded like their images, to the batch's largest H and W.
-    """
+    """DataLoader collate: (image, target) pairs -> (NestedTensor, targets), 'masks' padded."""
     images, targets = zip(*batch)
     samples = nested_tensor_from_tensor_list(list(images))
     if any(t is not None and "masks" in t for t in targets):
@@ -126,9 +107,6 @@ def collate_fn(batch):
         targets = tuple(dict(t, masks=pad_masks(t["masks"], height, width)) for t in targets)
     return samples, targets
 
-
-# ----------------------------------------------------------------------------------------------
-# Distributed helpers
 
 def is_dist_avail_and_initialized():
     return dist.is_available() and dist.is_initialized()
@@ -147,11 +125,7 @@ def is_main_process():
 
 
 def setup_for_distributed(is_master):
-    """Make print() silent on every process but the main one; print(..., force=True) still prints.
-
-    DETR's scripts rely on this to see one copy of each line; this project's own output goes
-    through logging, which main.py sets up per process.
-    """
+    """Silence print() but on the main process; print(..., force=True) still prints."""
     original = getattr(builtins.print, "__wrapped__", builtins.print)  # no wrapper around a wrapper
 
     @functools.wraps(original)
@@ -163,12 +137,7 @@ def setup_for_distributed(is_master):
 
 
 def init_distributed_mode(args):
-    """Join the process group a launcher (torchrun, torch.distributed.launch, SLURM) set up.
-
-    Sets args.distributed, rank, world_size, gpu and dist_backend; a single-process run only gets
-    args.distributed = False, rank 0. Reads args.dist_url, args.device and, when present,
-    args.local_rank (torch.distributed.launch without --use_env).
-    """
+    """Join the process group a launcher set up; sets args.distributed, rank, world_size, gpu."""
     layout = distributed_env(getattr(args, "local_rank", None))
     if layout is None:
         args.distributed = False
@@ -194,11 +163,7 @@ def init_distributed_mode(args):
 
 
 def save_on_master(obj, f, *args, **kwargs):
-    """torch.save(obj, f, ...) on the main process only (the others return at once).
-
-    A path is written atomically (util.checkpoint.save_atomic): a crash or a stop signal while
-    saving leaves the previous file whole. A file object is written as torch.save writes it.
-    """
+    """torch.save(obj, f, ...) on the main process only; a path is written atomically."""
     if not is_main_process():
         return
     if isinstance(f, (str, os.PathLike)):
@@ -231,38 +196,22 @@ def reduce_dict(input_dict, average=True):
 
 
 def distributed_env(local_rank_arg=None):
-    """Read the process layout that a launcher left in the environment.
-
-    Returns (rank, world_size, local_rank) or None when this is a single-process run.
-    Understood: torchrun and `torch.distributed.launch` (RANK, WORLD_SIZE, LOCAL_RANK; without
-    --use_env the local rank also comes as the --local_rank/--local-rank argument) and SLURM
-    (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID).
-    """
+    """(rank, world_size, local_rank) from torchrun's or Slurm's variables; None for one process."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        rank = int(env["RANK"])
-        world_size = int(env["WORLD_SIZE"])
-        if "LOCAL_RANK" in env:
-            local_rank = int(env["LOCAL_RANK"])
-        elif local_rank_arg is not None and local_rank_arg >= 0:
-            local_rank = local_rank_arg
-        else:
-            local_rank = rank % max(torch.cuda.device_count(), 1)
-        return rank, world_size, local_rank
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        rank = int(env["SLURM_PROCID"])
-        world_size = int(env["SLURM_NTASKS"])
-        local_rank = int(env.get("SLURM_LOCALID", rank % max(torch.cuda.device_count(), 1)))
-        return rank, world_size, local_rank
-    return None
+        rank, world_size, local_name = int(env["RANK"]), int(env["WORLD_SIZE"]), "LOCAL_RANK"
+        if local_rank_arg is not None and local_rank_arg >= 0 and local_name not in env:
+            return rank, world_size, local_rank_arg
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+        local_name = "SLURM_LOCALID"
+    else:
+        return None
+    return rank, world_size, int(env.get(local_name, rank % max(torch.cuda.device_count(), 1)))
 
 
 def restart_store(world_size):
-    """Under torchrun, a key space in the agent's store of this restart of the group, else None.
-
-    The agent keeps one store for all restarts; a process group joined through env:// would find
-    there the addresses the workers of the previous attempt left, and could wait on a dead one.
-    """
+    """Under torchrun, this restart's key space in the agent's store (shared by all restarts)."""
     env = os.environ
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "TORCHELASTIC_RESTART_COUNT" not in env:
         return None
@@ -282,13 +231,8 @@ def num_nodes():
     return 1
 
 
-# ----------------------------------------------------------------------------------------------
-# Run information
-
 def get_sha(path=None):
-    """"sha: ..., status: clean | has uncommitted changes, branch: ..." of the git checkout holding
-    `path` (default: this repository), for the logs; "N/A" where there is no checkout or no git.
-    Untracked files do not count as changes."""
+    """"sha: ..., status: clean | has uncommitted changes, branch: ..." of `path`'s checkout."""
     cwd = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def git(*command):
@@ -304,9 +248,6 @@ def get_sha(path=None):
         sha = status = branch = "N/A"
     return f"sha: {sha}, status: {status}, branch: {branch}"
 
-
-# ----------------------------------------------------------------------------------------------
-# Metric logging
 
 class SmoothedValue:
     """Track a series of values: a window for median/average, and the global average."""
@@ -358,20 +299,13 @@ class SmoothedValue:
                                max=self.max, value=self.value)
 
 
-# the compact progress line's logger: setup_logging gives it the console when that is a terminal;
-# without a handler its INFO records go nowhere
+# the compact progress lines: setup_logging gives it the console when that is a terminal
 progress_logger = logging.getLogger("progress")
 progress_logger.propagate = False
 
 
 def setup_logging(output_dir):
-    """Log INFO on the main process (console and OUTPUT_DIR/run.log, the folder made if
-    missing); errors only elsewhere.
-
-    On a terminal the console shows the compact progress lines of MetricLogger.log_every in place
-    of its full lines, which run.log keeps. Records with extra={"file_only": True} (a failure's
-    traceback, which Python prints to the console anyway) go to run.log only.
-    """
+    """Log INFO on the main process (console, compact on a terminal, and OUTPUT_DIR/run.log)."""
     level = logging.INFO if is_main_process() else logging.ERROR
     console = logging.StreamHandler(sys.stdout)
     live = console.stream.isatty()
@@ -417,8 +351,7 @@ class MetricLogger:
             meter.synchronize_between_processes()
 
     def compact_line(self, header, done, total, eta, iterations_per_second):
-        """`header done/total percent`, the ETA, the loss, class error and lr (the meters of those
-        names, where present), the speed and, on CUDA, the peak memory: one short line."""
+        """One short line: progress, ETA, loss, class error, lr (where present), speed, memory."""
         parts = [f"{header} {done}/{total} ({100 * done // max(total, 1)}%)", f"eta {eta}"]
         for name, fmt in (("loss", ".4f"), ("class_error", ".2f"), ("lr", ".2e")):
             if name in self.meters:
@@ -429,12 +362,7 @@ class MetricLogger:
         return self.delimiter.join(parts)
 
     def log_every(self, iterable, print_freq, header=""):
-        """Yield from `iterable`; every `print_freq` steps and at the end, log DETR's full line
-        (ETA, every meter, time and data time per step, peak CUDA memory) with
-        extra={"progress": True}, and the compact_line to `progress_logger`. Under setup_logging a
-        terminal shows the compact lines and run.log the full ones; elsewhere (pipes, CI, Slurm
-        logs) the full lines go to the console as well.
-        """
+        """Yield from `iterable`, logging the full and the compact line every `print_freq` steps."""
         total = len(iterable)
         width = len(str(total))
         start = end = time.time()

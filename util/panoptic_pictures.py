@@ -1,6 +1,4 @@
-"""Pictures of panoptic segmentations: each segment filled in a colour of its class over the
-image (torchvision's `draw_segmentation_masks`), its class name written inside it; and the
-validation grid main.py writes as OUTPUT_DIR/panoptic.png (image, ground truth, prediction)."""
+"""Pictures of panoptic segmentations, and OUTPUT_DIR/panoptic.png (image, truth, prediction)."""
 import io
 
 import numpy as np
@@ -8,10 +6,10 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.utils import draw_segmentation_masks, make_grid
+from torchvision.utils import draw_segmentation_masks
 
 from util.panoptic import rgb_to_id
-from util.visualize import PADDING, _font_file, _header, denormalize, predict
+from util.visualize import _font_file, denormalize, predict, scaled, titled_grid
 
 # RGB fill colours by category id (cycled); instances of a class get lighter and darker shades
 SEGMENT_COLOURS = ((230, 60, 50), (60, 190, 80), (60, 110, 235), (240, 200, 40), (150, 90, 200),
@@ -35,8 +33,7 @@ def panoptic_from_png(prediction):
 
 
 def panoptic_from_target(target):
-    """A DETR target with 'masks' (N, H, W) and 'labels' -> (ids, segments_info); pixels of no
-    mask get id -1 (void)."""
+    """A DETR target with 'masks' (N, H, W) and 'labels' -> (ids, segments_info); -1: no mask."""
     masks = target["masks"].bool().cpu()
     ids = np.full(masks.shape[-2:], -1, dtype=np.int64)
     segments = []
@@ -47,9 +44,8 @@ def panoptic_from_target(target):
 
 
 def _label_point(mask):
-    """(x, y) deep inside a boolean (H, W) mask: the middle one of the pixels that survive the
-    most erosions (so a name lands on its segment even when the segment is not convex, and not
-    on the picture's edge)."""
+    """(x, y) deep inside a boolean (H, W) mask, even a bent one: the middle one of the pixels
+    that survive the most erosions."""
     current = mask[None, None].float()
     while True:
         # a 3 x 3 erosion (min pooling), the outside of the picture counting as background
@@ -57,22 +53,15 @@ def _label_point(mask):
         if not eroded.any():
             break
         current = eroded
-    ys, xs = torch.nonzero(current[0, 0], as_tuple=True)
-    middle = len(ys) // 2
-    order = torch.argsort(ys * mask.shape[1] + xs)
-    return int(xs[order[middle]]), int(ys[order[middle]])
+    ys, xs = torch.nonzero(current[0, 0], as_tuple=True)  # in row-major order
+    return int(xs[len(xs) // 2]), int(ys[len(ys) // 2])
 
 
 def draw_panoptic(image, ids, segments, class_names, size=256, alpha=0.6):
-    """`image` (uint8 (3, H, W)) scaled so that its longer side is `size`, each segment of the id
-    image `ids` ((H, W), `segments`: [{'id', 'category_id'}], other ids left as they are) filled
-    in its class colour and labelled with its class name (`class_names`: {id: name})."""
-    height, width = image.shape[-2:]
-    factor = size / max(height, width)
-    new_size = (max(1, round(height * factor)), max(1, round(width * factor)))
-    image = TF.resize(image, list(new_size), antialias=True)
+    """uint8 (3, H, W) `image` scaled to `size`, the `segments` of `ids` coloured and named."""
+    image = scaled(image, size)[0]
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))[None, None].float()
-    ids = F.interpolate(ids, size=new_size, mode="nearest")[0, 0].long()
+    ids = F.interpolate(ids, size=tuple(image.shape[-2:]), mode="nearest")[0, 0].long()
     masks, colours, names, seen = [], [], [], {}
     for segment in segments:
         mask = ids == int(segment["id"])
@@ -88,8 +77,8 @@ def draw_panoptic(image, ids, segments, class_names, size=256, alpha=0.6):
     image = draw_segmentation_masks(image, torch.stack(masks), alpha=alpha, colors=colours)
     picture = TF.to_pil_image(image)
     draw = ImageDraw.Draw(picture)
-    font_file = _font_file()
     font_size = min(max(9, size // 20), 32)
+    font_file = _font_file()
     font = ImageFont.truetype(font_file, font_size) if font_file else ImageFont.load_default()
     for mask, name in zip(masks, names):
         draw.text(_label_point(mask), name, fill="white", font=font, anchor="mm",
@@ -99,9 +88,7 @@ def draw_panoptic(image, ids, segments, class_names, size=256, alpha=0.6):
 
 def panoptic_picture(model, postprocessor, dataset, class_names, device, num_images=8, size=192,
                      per_row=2):
-    """The first `num_images` images of `dataset` (items (normalised image, target with 'masks')),
-    each as three cells: the image, its ground-truth segments, the predicted ones
-    (`postprocessor`: PostProcessPanoptic). Returns uint8 (3, H, W)."""
+    """The first `num_images` of `dataset`: image, ground truth, prediction; uint8 (3, H, W)."""
     items = [dataset[i] for i in range(min(num_images, len(dataset)))]
     if not items:
         raise ValueError("panoptic_picture needs a data set with at least one image")
@@ -112,18 +99,8 @@ def panoptic_picture(model, postprocessor, dataset, class_names, device, num_ima
         # one image at a time: the post-processing resizes a padded batch's masks as a whole
         prediction = predict(model, postprocessor, [image], device, sizes_device="cpu")[0]
         picture = denormalize(image)
-        cells.append(TF.resize(picture, _scaled(picture, size), antialias=True))
+        cells.append(scaled(picture, size)[0])
         cells.append(draw_panoptic(picture, *panoptic_from_target(target), class_names, size))
         cells.append(draw_panoptic(picture, *panoptic_from_png(prediction), class_names, size))
-    canvas_h, canvas_w = max(c.shape[1] for c in cells), max(c.shape[2] for c in cells)
-    cells = [TF.pad(c, [0, 0, canvas_w - c.shape[2], canvas_h - c.shape[1]], fill=255) for c in cells]
-    columns = 3 * min(per_row, len(items))
-    grid = make_grid(cells, nrow=columns, padding=PADDING, pad_value=255)
-    titles = ["image", "ground truth", "predicted"] * (columns // 3)
-    return torch.cat([_header(grid.shape[2], titles, canvas_w, max(12, size // 14)), grid], dim=1)
-
-
-def _scaled(image, size):
-    height, width = image.shape[-2:]
-    factor = size / max(height, width)
-    return [max(1, round(height * factor)), max(1, round(width * factor))]
+    titles = ["image", "ground truth", "predicted"]
+    return titled_grid(cells, 3 * min(per_row, len(items)), titles, max(12, size // 14))

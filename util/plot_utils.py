@@ -1,14 +1,7 @@
-"""Plots of training runs: losses, class error and AP per epoch (from log.txt), and
-precision-recall curves (from the COCOeval.eval dict saved as eval.pth or eval/latest.pth).
-
-    python -m util.plot_utils OUTPUT_DIR [OUTPUT_DIR ...] --out plots.png
-
-writes plots.png (one line per folder) and, where the folders hold an evaluation file,
-plots_pr.png beside it. In Python: `plot_logs(folders, out)`, `plot_precision_recall(files, out)`.
-"""
+"""Plots of training runs: losses, class error and AP per epoch (log.txt), and precision-recall
+curves (eval.pth or eval/latest.pth): python -m util.plot_utils OUTPUT_DIR ... --out plots.png"""
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -73,10 +66,7 @@ def _column(records, key, path):
 
 
 def plot_logs(folders, out, names=None):
-    """One figure of losses, class error and AP per epoch, one colour per folder (train solid,
-    validation dashed); saved to `out` (PNG). Returns `out`. When every folder is a run with
-    masks (its log has mask AP), a third row adds the mask losses, mask AP and, for panoptic
-    data, PQ (all, things, stuff)."""
+    """Losses, class error and AP (mask AP, PQ) per epoch of `folders`, saved to `out`, returned."""
     folders = [Path(f) for f in folders]
     if not folders:
         raise ValueError("plot_logs needs at least one folder")
@@ -114,8 +104,7 @@ def plot_logs(folders, out, names=None):
     if masks:
         axes[2, 0].set_title("mask losses (unweighted)")
         if panoptic:
-            axes[2, 2].set_title("validation panoptic quality (%)")
-            axes[2, 2].set_ylim(0, 100)
+            axes[2, 2].set(title="validation panoptic quality (%)", ylim=(0, 100))
         else:
             axes[2, 2].set_visible(False)
     for ax in axes.flat:
@@ -130,13 +119,11 @@ def _plot_ap(ax, epochs, stats, colour, name, kind):
     stats = np.array(stats)
     for label, index, style in AP_ENTRIES:
         ax.plot(epochs, stats[:, index], style, color=colour, marker=".", label=f"{name} {label}")
-    ax.set_title(f"validation {kind} AP")
-    ax.set_ylim(0, 1)
+    ax.set(title=f"validation {kind} AP", ylim=(0, 1))
 
 
 def _safe_numpy_globals():
-    """What a COCOeval.eval dict pickles besides plain containers: numpy arrays and scalars, and
-    pycocotools' Params. Allow-listed, so loading it runs no other code."""
+    """What a COCOeval.eval dict pickles besides containers (numpy, pycocotools' Params)."""
     from pycocotools.cocoeval import Params
     core = getattr(np, "_core", None) or np.core
     dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
@@ -144,8 +131,7 @@ def _safe_numpy_globals():
 
 
 def load_eval(path):
-    """The COCOeval.eval dict saved by main.py (precision (T, R, K, A, M), recall (T, K, A, M),
-    scores, params, ...)."""
+    """The COCOeval.eval dict saved by main.py (precision (T, R, K, A, M), params, ...)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; main.py writes eval.pth (with --eval) or "
@@ -162,13 +148,10 @@ def load_eval(path):
 
 
 def precision_recall_curves(data):
-    """The curves of a COCOeval.eval dict: {title: (recall thresholds, precision)}, for all areas
-    and the most detections, averaged over classes at IoU 0.50, at IoU 0.75, and over IoU
-    0.50:0.95. The mean of each curve is the matching COCO AP (AP50, AP75, AP)."""
+    """{title: (recall thresholds, precision)} at IoU 0.50, 0.75, 0.50:0.95: their means are APs."""
     params = data["params"]
     iou_thresholds = np.asarray(params.iouThrs)
-    # precision is (T, R, K, A, M); area 'all' is index 0, the largest maxDets the last; -1 marks
-    # classes without ground truth, left out of the means as COCOeval does
+    # precision (T, R, K, A, M): area 'all' first, largest maxDets last; -1: no ground truth
     precision = np.asarray(data["precision"])[:, :, :, 0, -1]
     precision = np.where(precision > -1, precision, np.nan)
     selections = {}
@@ -181,8 +164,7 @@ def precision_recall_curves(data):
 
 
 def plot_precision_recall(eval_files, out, names=None):
-    """Precision against recall (see precision_recall_curves) of COCOeval.eval files, one colour
-    per file, a panel per IoU setting; saved to `out` (PNG). Returns `out`."""
+    """precision_recall_curves of evaluation files, a panel per IoU, saved to `out` (returned)."""
     eval_files = [Path(f) for f in eval_files]
     if not eval_files:
         raise ValueError("plot_precision_recall needs at least one evaluation file")
@@ -195,10 +177,7 @@ def plot_precision_recall(eval_files, out, names=None):
             ax.plot(recall, precision, label=f"{name} (AP {np.nanmean(precision):.3f})")
             ax.set_title(f"precision-recall, {title}")
     for ax in axes:
-        ax.set_xlabel("recall")
-        ax.set_ylabel("precision")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.02)
+        ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small", loc="lower left")
     fig.savefig(out, dpi=80)
@@ -208,10 +187,8 @@ def plot_precision_recall(eval_files, out, names=None):
 
 def eval_file_of(folder):
     """The evaluation file a main.py output folder holds (eval/latest.pth, else eval.pth), or None."""
-    for candidate in (Path(folder) / "eval" / "latest.pth", Path(folder) / "eval.pth"):
-        if candidate.is_file():
-            return candidate
-    return None
+    candidates = (Path(folder) / "eval" / "latest.pth", Path(folder) / "eval.pth")
+    return next((candidate for candidate in candidates if candidate.is_file()), None)
 
 
 def main(argv=None):

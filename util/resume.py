@@ -1,6 +1,4 @@
-"""Where a training run starts and how it stops: its own checkpoint (--resume, --auto_resume),
-another run's weights (--finetune, --frozen_weights), the checkpoint written after each epoch, and
-what an interrupted run left on disk."""
+"""Where a run starts (--resume, --auto_resume, --finetune, --frozen_weights), and its saves."""
 import json
 import logging
 import math
@@ -16,12 +14,7 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_auto_resume(args):
-    """--auto_resume: OUTPUT_DIR/checkpoint.pth, when it exists, becomes --resume.
-
-    It wins over a --resume given as well (that file only gives the first start), and over
-    --finetune. On by default when torchrun's elastic agent restarted the workers. The main
-    process decides for all.
-    """
+    """--auto_resume (on after torchrun restarts): OUTPUT_DIR/checkpoint.pth becomes --resume."""
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
     if restarts > 0 and not args.auto_resume:
         if not args.output_dir:
@@ -49,11 +42,7 @@ def resolve_auto_resume(args):
 
 
 def interruption_message(stop, args, started):
-    """What an interrupted run left on disk, for the user who restarts it.
-
-    An epoch counts as finished once its checkpoint is written; the file on disk is this run's
-    when it was written after `started` or is the one this run resumed from.
-    """
+    """What an interrupted run (started at `started`) left on disk, for the user to restart it."""
     name = signal.Signals(stop.signum).name
     if args.eval or not args.output_dir:
         return f"stopped by {name}; nothing was saved"
@@ -79,8 +68,7 @@ def finetune(model, args):
 
 
 def load_frozen_detector(detector, args):
-    """DETR's second stage: --frozen_weights FILE's model into the detector inside the
-    segmentation model (main.py freezes it through the segmentation model's build)."""
+    """DETR's second stage: --frozen_weights FILE's model into the segmentation's detector."""
     frozen = load_checkpoint(args.frozen_weights)
     check_compatible(detector, frozen, args)
     detector.load_state_dict(frozen["model"], strict=True)
@@ -99,8 +87,7 @@ def logged_epochs(log):
 
 
 def unevaluated_training(args, checkpoint):
-    """The training statistics of the run's own checkpoint when its epoch has no line in log.txt
-    (the run stopped during that epoch's evaluation), else None. The main process decides."""
+    """The checkpoint's training statistics when its epoch has no line in log.txt, else None."""
     own = Path(args.output_dir) / "checkpoint.pth" if args.output_dir else None
     missing = (utils.is_main_process() and own is not None and Path(args.resume) == own
                and "train_stats" in checkpoint
@@ -109,9 +96,7 @@ def unevaluated_training(args, checkpoint):
 
 
 def resume(args, model, optimizer, lr_scheduler, scaler, generators):
-    """--resume FILE: the model, and for training the optimizer, schedule, gradient scaler, epoch
-    (args.start_epoch) and every process's random states. Returns the training statistics of an
-    epoch whose evaluation was cut short (unevaluated_training), or None."""
+    """--resume FILE: the model and the training state; returns unevaluated_training(...)."""
     checkpoint = load_checkpoint(args.resume)
     check_compatible(model, checkpoint, args, name=args.resume)
     model.load_state_dict(checkpoint["model"], strict=True)
@@ -145,9 +130,7 @@ def resume(args, model, optimizer, lr_scheduler, scaler, generators):
 
 def save_checkpoint(output_dir, args, epoch, model, optimizer, lr_scheduler, scaler, rng_states,
                     train_stats):
-    """OUTPUT_DIR/checkpoint.pth, and checkpoint{epoch:04}.pth before each lr drop and every 100
-    epochs, each written atomically. `train_stats` let a run stopped in the epoch's evaluation
-    write its log.txt line when it resumes."""
+    """OUTPUT_DIR/checkpoint.pth, and checkpoint{epoch:04}.pth before lr drops and every 100."""
     checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                   "lr_scheduler": lr_scheduler.state_dict(), "epoch": epoch, "args": args,
                   "rng_states": rng_states, "train_stats": train_stats}

@@ -1,16 +1,7 @@
 """--compile: the model through torch.compile, for training and evaluation.
 
-The first forward (and backward) at a new input shape compiles. On CUDA dynamo then makes the
-image size dynamic, so multi-scale training recompiles a few times, not for every size. On the CPU
-every size compiles graphs of its own (dynamic=False): there, with torch 2.14.1, a recompiled
-dynamic-shape training graph gave backbone gradients 3% off the eager ones (its outputs and loss
-agreed), while graphs of one shape agree to float rounding; after dynamo's recompile limit (8
-graphs) further sizes run eagerly.
-
-Checkpoints hold the uncompiled module's state_dict (main.py saves `model_without_ddp`), so they
-load with or without --compile. Inside the compiled graph the attention runs its plain PyTorch
-path, which inductor fuses (the CPU kernel of rpe_ops.attention and the SDPA and flex paths are
-for eager runs).
+On the CPU every image size gets graphs of its own (dynamic=False): with torch 2.14.1 a recompiled
+dynamic-shape training graph gave backbone gradients 3% off the eager ones.
 """
 import functools
 import importlib.util
@@ -21,8 +12,7 @@ import torch
 
 
 def check_supported(device):
-    """Raise ValueError with one line saying what is missing when torch.compile cannot run on
-    `device` here."""
+    """Raise ValueError saying what is missing when torch.compile cannot run on `device` here."""
     if not torch._dynamo.is_dynamo_supported():
         raise ValueError("--compile: torch.compile does not run with this Python and PyTorch; run "
                          "without --compile")
@@ -40,8 +30,7 @@ def check_supported(device):
 
 
 def build(args, device):
-    """A function model -> model: torch.compile with --compile (checked here, before any work),
-    the model itself without."""
+    """A function model -> model: torch.compile with --compile (checked here), else identity."""
     if not getattr(args, "compile", False):
         return lambda model: model
     check_supported(device)

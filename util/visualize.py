@@ -1,5 +1,4 @@
-"""Pictures of what a detector sees: validation images with the ground truth beside the
-predicted boxes, class names and scores (drawn with torchvision), laid out in one PNG."""
+"""Pictures of validation images: the ground truth beside the predicted boxes, in one PNG."""
 import os
 
 import torch
@@ -21,14 +20,21 @@ def class_colour(category_id):
 
 
 def _font_file():
-    """A TrueType font for readable labels at any size: matplotlib's DejaVu Sans (None: PIL's
-    small built-in font)."""
+    """matplotlib's DejaVu Sans, readable at any size (None: PIL's small built-in font)."""
     try:
         import matplotlib
     except ImportError:
         return None
     path = os.path.join(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
     return path if os.path.isfile(path) else None
+
+
+def scaled(image, size):
+    """`image` resized so that its longer side is `size`, and the factor it was scaled by."""
+    height, width = image.shape[-2:]
+    factor = size / max(height, width)
+    new_size = [max(1, round(height * factor)), max(1, round(width * factor))]
+    return TF.resize(image, new_size, antialias=True), factor
 
 
 def denormalize(image):
@@ -39,14 +45,8 @@ def denormalize(image):
 
 
 def draw_detections(image, boxes, labels, class_names, scores=None, size=256):
-    """`image` (uint8 (3, H, W)) scaled so that its longer side is `size`, with `boxes` (xyxy in
-    the image's pixels) drawn in their class colour and labelled "name" or "name score"
-    (`class_names`: {label: name}; a label without a name is written as its number)."""
-    height, width = image.shape[-2:]
-    factor = size / max(height, width)
-    new_size = [max(1, round(height * factor)), max(1, round(width * factor))]
-    if new_size != [height, width]:
-        image = TF.resize(image, new_size, antialias=True)
+    """uint8 (3, H, W) `image` scaled to `size`, `boxes` (xyxy) drawn, named and scored."""
+    image, factor = scaled(image, size)
     if len(boxes) == 0:
         return image
     boxes = boxes.detach().float().cpu() * factor
@@ -55,7 +55,6 @@ def draw_detections(image, boxes, labels, class_names, scores=None, size=256):
         texts = [f"{text} {float(score):.2f}" for text, score in zip(texts, scores)]
     font = _font_file()
     # lines and labels grow with the picture, the labels only up to a size that stays readable
-    # without hiding what they name on a full-size photo
     return draw_bounding_boxes(image, boxes, texts, colors=[class_colour(label) for label in labels],
                                width=max(2, size // 250), font=font,
                                font_size=min(max(10, size // 18), 40) if font else None,
@@ -64,8 +63,7 @@ def draw_detections(image, boxes, labels, class_names, scores=None, size=256):
 
 @torch.no_grad()
 def predict(model, postprocessor, images, device, sizes_device=None):
-    """The post-processed outputs for a list of normalised images, in each image's pixels (boxes
-    xyxy); the image sizes go to the post-processor on `sizes_device` (default: `device`)."""
+    """The post-processed outputs for a list of normalised images, in each image's pixels."""
     was_training = model.training
     model.eval()
     try:
@@ -76,22 +74,26 @@ def predict(model, postprocessor, images, device, sizes_device=None):
     return postprocessor(outputs, sizes)
 
 
-def _header(width, titles, cell_width, font_size):
-    """A white strip with a title centred above each column of the grid."""
-    strip = Image.new("RGB", (width, HEADER), "white")
+def titled_grid(cells, columns, titles, font_size):
+    """uint8 (3, H, W) cells in a grid of `columns`, each title centred above its column."""
+    # every cell on a common canvas (make_grid needs one size), image at the top left
+    canvas_h, canvas_w = max(c.shape[1] for c in cells), max(c.shape[2] for c in cells)
+    cells = [TF.pad(c, [0, 0, canvas_w - c.shape[2], canvas_h - c.shape[1]], fill=255)
+             for c in cells]
+    grid = make_grid(cells, nrow=columns, padding=PADDING, pad_value=255)
+    strip = Image.new("RGB", (grid.shape[2], HEADER), "white")
     draw = ImageDraw.Draw(strip)
     font_file = _font_file()
     font = ImageFont.truetype(font_file, font_size) if font_file else ImageFont.load_default()
-    for column, title in enumerate(titles):
-        centre = PADDING + column * (cell_width + PADDING) + cell_width / 2
+    for column, title in enumerate(titles * (columns // len(titles))):
+        centre = PADDING + column * (canvas_w + PADDING) + canvas_w / 2
         draw.text((centre, HEADER / 2), title, fill="black", font=font, anchor="mm")
-    return TF.pil_to_tensor(strip)
+    return torch.cat([TF.pil_to_tensor(strip), grid], dim=1)
 
 
 def predictions_picture(model, postprocessor, dataset, class_names, device, num_images=8,
                         score_threshold=0.5, size=256, pairs_per_row=2):
-    """The first `num_images` images of `dataset` (items (normalised image, DETR target)), each as
-    the ground truth beside the predictions scoring at least `score_threshold`: uint8 (3, H, W)."""
+    """The first `num_images` of `dataset`, ground truth beside predictions: uint8 (3, H, W)."""
     items = [dataset[i] for i in range(min(num_images, len(dataset)))]
     if not items:
         raise ValueError("predictions_picture needs a data set with at least one image")
@@ -105,13 +107,8 @@ def predictions_picture(model, postprocessor, dataset, class_names, device, num_
         keep = result["scores"] >= score_threshold
         cells.append(draw_detections(picture, result["boxes"][keep], result["labels"][keep],
                                      class_names, scores=result["scores"][keep], size=size))
-    # every cell on a common canvas (make_grid needs one size), image at the top left
-    canvas_h, canvas_w = max(c.shape[1] for c in cells), max(c.shape[2] for c in cells)
-    cells = [TF.pad(c, [0, 0, canvas_w - c.shape[2], canvas_h - c.shape[1]], fill=255) for c in cells]
-    columns = 2 * min(pairs_per_row, len(items))
-    grid = make_grid(cells, nrow=columns, padding=PADDING, pad_value=255)
-    titles = ["ground truth", f"predicted (score >= {score_threshold:g})"] * (columns // 2)
-    return torch.cat([_header(grid.shape[2], titles, canvas_w, max(12, size // 16)), grid], dim=1)
+    titles = ["ground truth", f"predicted (score >= {score_threshold:g})"]
+    return titled_grid(cells, 2 * min(pairs_per_row, len(items)), titles, max(12, size // 16))
 
 
 def save_picture(picture, path):
@@ -122,9 +119,7 @@ def save_picture(picture, path):
 
 def write_run_pictures(output_dir, model, postprocessor, dataset, class_names, device, num_images=8,
                        curves=True, panoptic_postprocessor=None):
-    """OUTPUT_DIR/predictions.png (see predictions_picture), with `curves` OUTPUT_DIR/curves.png
-    (util.plot_utils.plot_logs of OUTPUT_DIR/log.txt) and, with a `panoptic_postprocessor`,
-    OUTPUT_DIR/panoptic.png (util.panoptic_pictures.panoptic_picture). Returns the paths written."""
+    """OUTPUT_DIR/predictions.png, curves.png and panoptic.png; returns the paths written."""
     from util.plot_utils import plot_logs
     written = [plot_logs([output_dir], os.path.join(output_dir, "curves.png"))] if curves else []
     picture = predictions_picture(model, postprocessor, dataset, class_names, device, num_images)
