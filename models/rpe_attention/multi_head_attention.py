@@ -114,6 +114,20 @@ class RPEMultiheadAttention(nn.Module):
             applies = applies and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
         return applies
 
+    def _inference_bias(self, q: Tensor, k: Tensor, attn_mask: Optional[Tensor],
+                        key_padding_mask: Optional[Tensor], height: Optional[int],
+                        width: Optional[int], scaling: float) -> Optional[Tensor]:
+        """_logit_bias without autograd: the padding mask is added in place into the iRPE term
+        on k, a fresh (N, H, L, S) tensor, instead of into a copy of it."""
+        if (self.rpe_k is None or self.rpe_q is not None or attn_mask is not None
+                or key_padding_mask is None):
+            return self._logit_bias(q, k, attn_mask, key_padding_mask, height, width, scaling)
+        bias = self.rpe_k(q, height, width)
+        full = [q.shape[0], q.shape[1], q.shape[2], k.shape[2]]
+        if bias.dtype != q.dtype or not bias.is_contiguous() or list(bias.shape) != full:
+            return self._masked(bias, q, k, None, key_padding_mask).to(q.dtype)
+        return bias.add_(as_additive_mask(key_padding_mask, q.dtype)[:, None, None, :])
+
     @torch.jit.unused
     def _sdpa_output(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                      key_padding_mask: Optional[Tensor], height: Optional[int],
@@ -182,7 +196,7 @@ class RPEMultiheadAttention(nn.Module):
             if fast_out is not None:
                 return self._output(fast_out), None
         if self._inference_sdpa_applies(q, need_weights):
-            bias = self._logit_bias(q, k, attn_mask, key_padding_mask, height, width, scaling)
+            bias = self._inference_bias(q, k, attn_mask, key_padding_mask, height, width, scaling)
             # q carries the scaling already
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
             return self._output(out), None
