@@ -283,7 +283,7 @@ class BackboneBase(nn.Module):
         pays = (images.device.type == "cpu"
                 and min(images.shape[-2], images.shape[-1]) >= self.channels_last_min_side)
         if not torch.jit.is_scripting():
-            pays = pays and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            pays = pays and _eager()
         return pays
 
     def forward(self, tensor_list: NestedTensor) -> Dict[str, NestedTensor]:
